@@ -1,0 +1,155 @@
+//! Group commit: concurrent appends queue here and a writer task takes them as one
+//! batch, so one ordering lock, one round of reads and one commit (one WAL flush on
+//! Postgres) serve many appends. See docs/adr/0002-commit-ordered-positions.md.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use crate::model::{AppendOutcome, StoreError, StreamAppend};
+
+/// A backend's half of group commit: write a batch under the ordering lock.
+#[async_trait]
+pub trait BatchWriter: Send + Sync + 'static {
+    /// Writes the requests as one transaction and returns one result per request, in
+    /// order. An `Err` means the transaction as a whole failed (nothing was written,
+    /// or, if the commit itself failed, it is unknown whether it was).
+    async fn write_batch(
+        &self,
+        requests: &[&[StreamAppend]],
+    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError>;
+}
+
+struct Request {
+    appends: Vec<StreamAppend>,
+    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// Handle that queues appends for the writer tasks.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    queue: mpsc::Sender<Request>,
+}
+
+/// Tuning for group commit.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Writer tasks (each holds one connection while it writes). Two let the next
+    /// batch wait on the ordering lock while the current one commits.
+    pub writers: usize,
+    /// Most appends in one batch.
+    pub max_requests: usize,
+    /// Most events in one batch (a large append still goes alone).
+    pub max_events: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            writers: 2,
+            max_requests: 256,
+            max_events: 2_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("streams", &self.appends.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// Starts the writer tasks. `appended` is bumped after every commit so in-process
+    /// subscribers wake without waiting for a database notification.
+    pub fn start(
+        writer: Arc<dyn BatchWriter>,
+        config: BatchConfig,
+        appended: watch::Sender<u64>,
+    ) -> Self {
+        let (queue, rx) = mpsc::channel::<Request>(config.max_requests * 4);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let appended = Arc::new(appended);
+        for n in 0..config.writers.max(1) {
+            let rx = Arc::clone(&rx);
+            let writer = Arc::clone(&writer);
+            let appended = Arc::clone(&appended);
+            tokio::spawn(
+                async move {
+                    loop {
+                        let batch = {
+                            let mut rx = rx.lock().await;
+                            let Some(first) = rx.recv().await else { return };
+                            let mut events: usize =
+                                first.appends.iter().map(|a| a.events.len()).sum();
+                            let mut batch = vec![first];
+                            while batch.len() < config.max_requests && events < config.max_events {
+                                match rx.try_recv() {
+                                    Ok(next) => {
+                                        events += next
+                                            .appends
+                                            .iter()
+                                            .map(|a| a.events.len())
+                                            .sum::<usize>();
+                                        batch.push(next);
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            batch
+                        };
+                        run_batch(writer.as_ref(), batch).await;
+                        appended.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+                .instrument(tracing::debug_span!("append_writer", writer = n)),
+            );
+        }
+        Self { queue }
+    }
+
+    /// Queues an append and waits for its result.
+    pub async fn append(&self, appends: Vec<StreamAppend>) -> Result<AppendOutcome, StoreError> {
+        let (reply, result) = oneshot::channel();
+        self.queue
+            .send(Request { appends, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        result.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+async fn run_batch(writer: &dyn BatchWriter, batch: Vec<Request>) {
+    let requests: Vec<&[StreamAppend]> = batch.iter().map(|r| r.appends.as_slice()).collect();
+    match writer.write_batch(&requests).await {
+        Ok(results) => {
+            for (request, result) in batch.into_iter().zip(results) {
+                let _ = request.reply.send(result);
+            }
+        }
+        Err(error) if batch.len() == 1 => {
+            let request = batch
+                .into_iter()
+                .next()
+                .expect("BUG: batch has one request");
+            let _ = request.reply.send(Err(error));
+        }
+        Err(error) => {
+            // One bad request must not fail its neighbours: write each alone. If the
+            // failure was an ambiguous commit, the ids that did land are recognised as
+            // replays, so nothing is written twice.
+            tracing::warn!(error = %error, requests = batch.len(), "batch failed; writing its appends one by one");
+            for request in batch {
+                let result = match writer.write_batch(&[request.appends.as_slice()]).await {
+                    Ok(mut results) => results.pop().unwrap_or(Err(StoreError::Closed)),
+                    Err(e) => Err(e),
+                };
+                let _ = request.reply.send(result);
+            }
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Colloquy's event store: an append-only log of events in streams, whose global
+//! positions are commit order (no reader ever sees an event appear below a position it
+//! has already seen).
+//!
+//! - [`model`]: events, expectations, errors and input validation.
+//! - [`store`]: the [`EventStore`] trait every backend implements, and the catch-up
+//!   [`Subscription`] built on it.
+//! - [`batch`] and [`batcher`]: group commit, shared by the backends.
+//! - [`postgres`]: the Postgres backend on Message DB's schema.
+
+pub mod batch;
+pub mod batcher;
+pub mod model;
+pub mod postgres;
+pub mod store;
+
+pub use model::{
+    AppendOutcome, ExpectedVersion, GlobalPosition, InvalidInput, Limits, LogFilter, NewEvent,
+    RecordedEvent, StoreError, StreamAppend, StreamWritten, category,
+};
+pub use postgres::{PgEventStore, PgOptions};
+pub use store::{EventStore, Redactor, Selection, Subscription, SubscriptionItem};

@@ -1,0 +1,127 @@
+//! The `colloquy` command line. Every subcommand reads the same configuration as
+//! `serve` (defaults, then `--config FILE` or `COLLOQUY_CONFIG`, then the environment).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Settings, Storage};
+use crate::{Application, shutdown, telemetry};
+
+/// Colloquy: an event-sourced chat backend with a Gemini agent.
+#[derive(Debug, Parser)]
+#[command(name = "colloquy", version, about, long_about = None)]
+pub struct Cli {
+    /// A TOML file with the same keys as the environment (e.g. `DATABASE_URL = "…"`).
+    #[arg(long, global = true, env = "COLLOQUY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (all roles in one process by default).
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration, secrets redacted.
+    Config {
+        /// Print JSON instead of `KEY = value` lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Refuse to start without Postgres and NATS (also `COLLOQUY_REQUIRE_EXTERNAL=1`).
+    #[arg(long)]
+    pub external: bool,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    Settings::load(cli.config.as_deref())?.validate()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Config { json } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            // Validate too, so a bad value is reported, but print what was loaded.
+            let validation = settings.clone().validate();
+            let shown = settings.redacted();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else if let Some(map) = shown.as_object() {
+                for key in crate::config::KEYS {
+                    match map.get(*key) {
+                        Some(serde_json::Value::Null) | None => println!("{key} = (unset)"),
+                        Some(serde_json::Value::String(s)) => println!("{key} = {s}"),
+                        Some(other) => println!("{key} = {other}"),
+                    }
+                }
+            }
+            validation.map(|_| ())
+        }
+        Command::Migrate => {
+            let config = load(&cli)?;
+            let _telemetry = telemetry::init(config.settings.rust_log.as_deref(), None)?;
+            let Storage::Postgres { url, .. } = &config.storage else {
+                anyhow::bail!(
+                    "migrate needs DATABASE_URL=postgres://… (the embedded mode migrates itself)"
+                );
+            };
+            let pool = sqlx::PgPool::connect(secrecy::ExposeSecret::expose_secret(url))
+                .await
+                .context("Failed to connect to Postgres (DATABASE_URL)")?;
+            colloquy_eventstore::postgres::migrate(&pool)
+                .await
+                .context("Failed to apply migrations")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let mut settings = Settings::load(cli.config.as_deref())?;
+            settings.require_external |= args.external;
+            let config = settings.validate()?;
+            let _telemetry = telemetry::init(
+                config.settings.rust_log.as_deref(),
+                config.settings.otel_endpoint.as_deref(),
+            )?;
+            let app = Application::build(config, None).await?;
+            let addr = app.local_addr();
+            println!(
+                "colloquy serving (external mode: Postgres + NATS) on http://{addr} — docs at http://{addr}/docs"
+            );
+            let token = CancellationToken::new();
+            shutdown::on_signal(token.clone());
+            app.run_until_stopped(token).await
+        }
+    }
+}

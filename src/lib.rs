@@ -1,0 +1,18 @@
+//! The `colloquy` binary's library: configuration, telemetry, shutdown, the
+//! [`Application`] that wires the roles together, and the command-line interface.
+//! `main.rs` is a shim over [`cli::main`].
+//!
+//! - [`config`]: layered, validated settings.
+//! - [`telemetry`]: tracing and OpenTelemetry set-up.
+//! - [`shutdown`]: the process's cancellation token and signals.
+//! - [`app`]: [`Application::build`] and [`Application::run_until_stopped`].
+//! - [`cli`]: the subcommands.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::{Config, Settings};
