@@ -10,6 +10,8 @@
 
 pub mod batch;
 pub mod batcher;
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
 pub mod model;
 pub mod postgres;
 pub mod store;

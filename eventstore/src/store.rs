@@ -117,6 +117,20 @@ impl Subscription {
         }
     }
 
+    /// Changes the safety-net poll interval (wake-ups normally make it irrelevant).
+    #[must_use]
+    pub fn with_poll_interval(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Changes how many events one read fetches.
+    #[must_use]
+    pub fn with_batch_size(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
     /// The position of the last event delivered.
     pub fn position(&self) -> GlobalPosition {
         self.after
@@ -146,7 +160,10 @@ impl Subscription {
                 self.caught_up_sent = true;
                 return Ok(SubscriptionItem::CaughtUp(self.after));
             }
-            let _ = tokio::time::timeout(self.poll, self.appended.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout(self.poll, self.appended.changed()).await {
+                // The store is gone; fall back to polling rather than spinning.
+                tokio::time::sleep(self.poll).await;
+            }
         }
     }
 

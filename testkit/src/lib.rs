@@ -134,10 +134,11 @@ impl TestDatabase {
         Self { name, url }
     }
 
-    /// A pool on this database.
+    /// A small pool on this database. Tests run in parallel against one server whose
+    /// connection limit is shared (100 by default), so each pool stays small.
     pub async fn pool(&self) -> PgPool {
         PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(6)
             .connect(&self.url)
             .await
             .expect("connect to test database")
