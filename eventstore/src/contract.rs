@@ -268,9 +268,17 @@ pub async fn retrying_an_append_returns_the_original_positions(store: Arc<dyn Ev
         .unwrap();
     // The retry's expectation no longer holds, but it is recognised as a replay first.
     let retry = store
-        .append(append("thing-1", ExpectedVersion::NoStream, events))
+        .append(append("thing-1", ExpectedVersion::NoStream, events.clone()))
         .await
         .unwrap();
+    let by_id = store
+        .read_events_by_id(&[events[1].id, events[0].id, Uuid::new_v4()])
+        .await
+        .unwrap();
+    assert_eq!(
+        by_id.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        first.positions
+    );
     assert!(retry.replayed);
     assert_eq!(retry.positions, first.positions);
     assert_eq!(retry.last_position, first.last_position);
@@ -720,7 +728,8 @@ pub async fn redaction_rewrites_data_and_keeps_positions(store: Arc<dyn EventSto
         )
         .await
         .unwrap();
-    assert_eq!(changed, 1);
+    assert_eq!(changed.changed, 1);
+    assert_eq!(changed.streams, ["talk-1"]);
     let after = all(&store).await;
     assert_eq!(after.len(), before.len());
     for (b, a) in before.iter().zip(&after) {
@@ -740,9 +749,10 @@ pub async fn redaction_rewrites_data_and_keeps_positions(store: Arc<dyn EventSto
         .await
         .unwrap();
     assert_eq!(
-        changed, 2,
+        changed.changed, 2,
         "talk-1's remaining Said is redacted; Other is not"
     );
+    assert_eq!(changed.streams, ["talk-1", "talk-2"]);
     let after = all(&store).await;
     let dump = serde_json::to_string(&after.iter().map(|e| &e.data).collect::<Vec<_>>()).unwrap();
     assert!(!dump.contains("secret words") && !dump.contains("other words"));

@@ -21,4 +21,4 @@ pub use model::{
     RecordedEvent, StoreError, StreamAppend, StreamWritten, category,
 };
 pub use postgres::{PgEventStore, PgOptions};
-pub use store::{EventStore, Redactor, Selection, Subscription, SubscriptionItem};
+pub use store::{EventStore, RedactReport, Redactor, Selection, Subscription, SubscriptionItem};

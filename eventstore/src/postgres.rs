@@ -21,7 +21,7 @@ use crate::model::{
     AppendOutcome, GlobalPosition, Limits, LogFilter, RecordedEvent, StoreError, StreamAppend,
     validate,
 };
-use crate::store::{EventStore, Redactor, Selection};
+use crate::store::{EventStore, RedactReport, Redactor, Selection};
 
 /// The advisory-lock key that orders every commit into the log; the same constant
 /// as `message_store.commit_order_lock_key()`.
@@ -388,6 +388,17 @@ impl EventStore for PgEventStore {
         rows.iter().map(decode).collect()
     }
 
+    async fn read_events_by_id(&self, ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT global_position, position, time, stream_name, type, data, metadata, id
+               FROM message_store.messages WHERE id = ANY($1) ORDER BY global_position",
+        )
+        .bind(ids)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        rows.iter().map(decode).collect()
+    }
+
     async fn stream_version(&self, stream: &str) -> Result<Option<i64>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT max(position) FROM message_store.messages WHERE stream_name = $1",
@@ -410,31 +421,33 @@ impl EventStore for PgEventStore {
         self.inner.appended.subscribe()
     }
 
-    async fn redact(&self, selection: &Selection, redactor: &Redactor) -> Result<u64, StoreError> {
+    async fn redact(
+        &self,
+        selection: &Selection,
+        redactor: &Redactor,
+    ) -> Result<RedactReport, StoreError> {
         let mut tx = self.inner.pool.begin().await?;
-        let rows = match selection {
-            Selection::Streams(streams) => {
-                sqlx::query(
-                    "SELECT global_position, type, data FROM message_store.messages
+        let rows =
+            match selection {
+                Selection::Streams(streams) => sqlx::query(
+                    "SELECT global_position, stream_name, type, data FROM message_store.messages
                       WHERE stream_name = ANY($1) FOR UPDATE",
                 )
                 .bind(streams)
                 .fetch_all(&mut *tx)
-                .await?
-            }
-            Selection::MetadataEquals { key, value } => {
-                sqlx::query(
-                    "SELECT global_position, type, data FROM message_store.messages
+                .await?,
+                Selection::MetadataEquals { key, value } => sqlx::query(
+                    "SELECT global_position, stream_name, type, data FROM message_store.messages
                       WHERE metadata->>$1 = $2 FOR UPDATE",
                 )
                 .bind(key)
                 .bind(value)
                 .fetch_all(&mut *tx)
-                .await?
-            }
-        };
-        let mut changed = 0_u64;
+                .await?,
+            };
+        let mut report = RedactReport::default();
         for row in rows {
+            report.streams.push(row.try_get("stream_name")?);
             let position: i64 = row.try_get("global_position")?;
             let event_type: String = row.try_get("type")?;
             let Some(mut data) = row.try_get::<Option<Value>, _>("data")? else {
@@ -448,10 +461,12 @@ impl EventStore for PgEventStore {
                 .bind(&data)
                 .execute(&mut *tx)
                 .await?;
-                changed += 1;
+                report.changed += 1;
             }
         }
         tx.commit().await?;
-        Ok(changed)
+        report.streams.sort_unstable();
+        report.streams.dedup();
+        Ok(report)
     }
 }

@@ -21,6 +21,15 @@ pub enum Selection {
     MetadataEquals { key: String, value: String },
 }
 
+/// What a redaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedactReport {
+    /// Events whose data changed.
+    pub changed: u64,
+    /// Every stream with a selected event (changed or not), sorted.
+    pub streams: Vec<String>,
+}
+
 /// Rewrites an event's data in place; returns whether it changed anything.
 pub type Redactor = dyn Fn(&str, &mut Value) -> bool + Send + Sync;
 
@@ -56,6 +65,10 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The stored events with these ids (any order; missing ids are left out).
+    async fn read_events_by_id(&self, ids: &[uuid::Uuid])
+    -> Result<Vec<RecordedEvent>, StoreError>;
+
     /// The version (last position) of a stream, or `None` if it has no events.
     async fn stream_version(&self, stream: &str) -> Result<Option<i64>, StoreError>;
 
@@ -67,8 +80,12 @@ pub trait EventStore: Send + Sync + 'static {
     fn appended(&self) -> watch::Receiver<u64>;
 
     /// Rewrites the data of the selected events in place (erasure). Positions, ids
-    /// and types never change. Returns how many events changed.
-    async fn redact(&self, selection: &Selection, redactor: &Redactor) -> Result<u64, StoreError>;
+    /// and types never change.
+    async fn redact(
+        &self,
+        selection: &Selection,
+        redactor: &Redactor,
+    ) -> Result<RedactReport, StoreError>;
 }
 
 /// What a subscription yields.
