@@ -34,6 +34,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure this build on this machine (see docs/PERFORMANCE.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +49,7 @@ pub struct ServeArgs {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    crate::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -106,6 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        Command::Bench(command) => crate::bench::run(cli.config.as_deref(), command).await,
         Command::Serve(args) => {
             let mut settings = Settings::load(cli.config.as_deref())?;
             settings.require_external |= args.external;

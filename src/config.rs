@@ -197,7 +197,7 @@ pub struct GeminiKey {
 impl Settings {
     /// Layers defaults, the file (if any) and the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        Self::figment(file, Env::raw().lowercase(false).only(KEYS))
+        Self::figment(file, Env::raw().only(KEYS).lowercase(false))
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
     }

@@ -9,6 +9,7 @@
 //! - [`cli`]: the subcommands.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod shutdown;
@@ -16,3 +17,9 @@ pub mod telemetry;
 
 pub use app::Application;
 pub use config::{Config, Settings};
+
+/// Installs rustls' process-wide crypto provider (ring, the one NATS uses too), which
+/// HTTPS clients (Gemini, the OTLP exporter) need. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,1 +1,10 @@
+//! Black-box tests of the whole application, compiled into one test binary: each
+//! test starts the real application on port 0 against its own Postgres database and
+//! its own NATS subject prefix (see `helpers`).
 
+#![expect(clippy::unwrap_used, reason = "test code")]
+
+mod cli;
+mod health;
+mod helpers;
+mod message_db;

@@ -1,0 +1,63 @@
+//! `colloquy bench …`: measurements of this build on this machine, printed as a table
+//! (or one JSON document with `--json`). The figures in `docs/PERFORMANCE.md` come
+//! from here.
+//!
+//! Every benchmark works in its own scratch database (`colloquy_bench_<random>`),
+//! created next to the configured one on the same server, migrated, and dropped at
+//! the end; the configured database's data is never touched.
+//!
+//! - [`append`]: `bench append`, the write path against a raw-insert ceiling, `$all`
+//!   reads and loading a long conversation.
+//! - [`scratch`]: the scratch database.
+//! - [`report`]: latency histograms, result rows, the table and machine facts.
+
+pub mod append;
+pub mod report;
+pub mod scratch;
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use secrecy::ExposeSecret as _;
+
+use crate::config::Settings;
+use crate::telemetry;
+
+/// What `colloquy bench` can measure.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Appends: group commit vs. a raw single-row INSERT ceiling, Message DB's
+    /// write_message, `$all` reads and loading a 10,000-event conversation.
+    Append(append::AppendArgs),
+}
+
+/// Runs a benchmark. `config` is the `--config` file, if any.
+pub async fn run(config: Option<&Path>, command: &BenchCommand) -> anyhow::Result<()> {
+    let settings = Settings::load(config)?;
+    let _telemetry = telemetry::init(settings.rust_log.as_deref(), None)?;
+    match command {
+        BenchCommand::Append(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            append::run(&url, args).await
+        }
+    }
+}
+
+/// The server to benchmark on: `--database-url`, else the configured `DATABASE_URL`.
+fn database_url(flag: Option<&str>, settings: &Settings) -> anyhow::Result<String> {
+    let url = match flag {
+        Some(url) => url.to_owned(),
+        None => settings
+            .database_url
+            .as_ref()
+            .map(|url| url.expose_secret().to_owned())
+            .context(
+                "bench needs Postgres: set DATABASE_URL=postgres://… or pass --database-url",
+            )?,
+    };
+    anyhow::ensure!(
+        url.starts_with("postgres://") || url.starts_with("postgresql://"),
+        "bench needs a postgres:// URL (the scratch database is created on that server)"
+    );
+    Ok(url)
+}
