@@ -51,6 +51,7 @@ macro_rules! all_contract_tests {
             concurrent_writers_are_seen_in_order_exactly_once,
             a_subscription_catches_up_then_is_woken,
             a_category_subscription_sees_only_its_category,
+            consumer_group_members_split_a_category_by_stream,
             redaction_rewrites_data_and_keeps_positions,
         );
     };
@@ -757,4 +758,67 @@ pub async fn redaction_rewrites_data_and_keeps_positions(store: Arc<dyn EventSto
     let dump = serde_json::to_string(&after.iter().map(|e| &e.data).collect::<Vec<_>>()).unwrap();
     assert!(!dump.contains("secret words") && !dump.contains("other words"));
     assert!(dump.contains("kept"));
+}
+
+pub async fn consumer_group_members_split_a_category_by_stream(store: Arc<dyn EventStore>) {
+    for n in 0..20 {
+        store
+            .append(vec![
+                StreamAppend::new(
+                    format!("job-{n}"),
+                    ExpectedVersion::Any,
+                    vec![event("A", json!({}))],
+                ),
+                // A compound id goes with its cardinal id's member.
+                StreamAppend::new(
+                    format!("job-{n}+retry"),
+                    ExpectedVersion::Any,
+                    vec![event("B", json!({}))],
+                ),
+                StreamAppend::new(
+                    format!("other-{n}"),
+                    ExpectedVersion::Any,
+                    vec![event("C", json!({}))],
+                ),
+            ])
+            .await
+            .unwrap();
+    }
+    let whole: Vec<i64> = store
+        .read_log(&LogFilter::Category("job".into()), 0, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect();
+    let mut union = Vec::new();
+    let mut owner = std::collections::HashMap::new();
+    for member in 0..3 {
+        let part = store
+            .read_log(
+                &LogFilter::CategoryMember {
+                    category: "job".into(),
+                    member,
+                    size: 3,
+                },
+                0,
+                1000,
+            )
+            .await
+            .unwrap();
+        assert!(
+            !part.is_empty(),
+            "20 streams over 3 members leave none empty"
+        );
+        for e in &part {
+            let cardinal = e.stream_name.split('+').next().unwrap().to_owned();
+            assert_eq!(*owner.entry(cardinal).or_insert(member), member);
+            union.push(e.global_position);
+        }
+    }
+    union.sort_unstable();
+    assert_eq!(
+        union, whole,
+        "the members together see the category exactly once"
+    );
 }

@@ -128,6 +128,15 @@ pub enum LogFilter {
     All,
     /// Every event of one category.
     Category(String),
+    /// One member's share of a category, as Message DB's consumer groups split it:
+    /// the streams whose cardinal id hashes to `member` (`abs(hash_64(cardinal_id))
+    /// mod size`), so `size` consumers together see each stream exactly once, each
+    /// stream always on the same member.
+    CategoryMember {
+        category: String,
+        member: u32,
+        size: u32,
+    },
 }
 
 /// Errors of the event store. Validation errors write nothing.

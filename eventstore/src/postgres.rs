@@ -384,6 +384,24 @@ impl EventStore for PgEventStore {
                 .bind(limit(max))
                 .fetch_all(&self.inner.pool)
                 .await?,
+                LogFilter::CategoryMember {
+                    category,
+                    member,
+                    size,
+                } => sqlx::query(
+                    "SELECT global_position, position, time, stream_name, type, data, metadata, id
+                       FROM message_store.messages
+                      WHERE message_store.category(stream_name) = $1 AND global_position > $2
+                        AND mod(abs(message_store.hash_64(message_store.cardinal_id(stream_name))), $5) = $4
+                      ORDER BY global_position LIMIT $3",
+                )
+                .bind(category)
+                .bind(after)
+                .bind(limit(max))
+                .bind(i64::from(*member))
+                .bind(i64::from(*size))
+                .fetch_all(&self.inner.pool)
+                .await?,
             };
         rows.iter().map(decode).collect()
     }
