@@ -15,6 +15,7 @@ pub mod contract;
 pub mod model;
 pub mod postgres;
 pub mod store;
+pub mod wire;
 
 pub use model::{
     AppendOutcome, ExpectedVersion, GlobalPosition, InvalidInput, Limits, LogFilter, NewEvent,
