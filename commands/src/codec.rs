@@ -14,21 +14,14 @@ pub fn encode<E: DomainEvent>(event: &E, ctx: &Context, index: usize) -> NewEven
         .with_metadata(ctx.metadata(event.schema_version()))
 }
 
-/// The schema version a stored event was written with.
-pub fn schema_version(event: &RecordedEvent) -> u32 {
-    event
-        .metadata
-        .as_ref()
-        .and_then(|m| m.get("schemaVersion"))
-        .and_then(serde_json::Value::as_u64)
-        .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or(1)
-}
-
 /// Decodes (and upcasts) a stored event. `Ok(None)` for a type this build does not
 /// know, which readers skip.
 pub fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, DecodeError> {
-    match E::from_stored(&event.event_type, schema_version(event), event.data.clone()) {
+    match E::from_stored(
+        &event.event_type,
+        event.schema_version(),
+        event.data.clone(),
+    ) {
         Ok(e) => Ok(Some(e)),
         Err(e) if e.is_skippable() => Ok(None),
         Err(e) => Err(e),

@@ -114,6 +114,17 @@ impl RecordedEvent {
     pub fn category(&self) -> &str {
         category(&self.stream_name)
     }
+
+    /// The payload's schema version from metadata `schemaVersion`; events written
+    /// without one (e.g. by a Message DB client) are version 1.
+    pub fn schema_version(&self) -> u32 {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.get("schemaVersion"))
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(1)
+    }
 }
 
 /// Message DB's category of a stream name: the part before the first `-`.

@@ -1,0 +1,195 @@
+//! Rebuilding a read model from the log, and verifying one against a rebuild.
+//!
+//! A rebuild projects the whole log into a scratch schema (`<schema>__rebuild`) while
+//! the live tables keep serving, then, holding the projection's lock (which pauses the
+//! live runner for a moment), applies the tail and swaps the schemas with two renames
+//! in one transaction. The checkpoint lives in the schema, so it swaps with the tables:
+//! the live runner continues from the rebuilt checkpoint with no gap and no duplicate.
+
+use std::sync::Arc;
+
+use colloquy_eventstore::{EventStore, GlobalPosition, LogFilter};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use crate::projection::Projection;
+use crate::runner::{BATCH, apply_batch, read_checkpoint};
+
+/// Progress callback: (position reached, head when the rebuild started).
+pub type Progress<'a> = &'a (dyn Fn(GlobalPosition, GlobalPosition) + Send + Sync);
+
+async fn create_scratch(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    scratch: &str,
+) -> anyhow::Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{scratch}\" CASCADE"
+    )))
+    .execute(pool)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT {}($1)",
+        projection.create_function()
+    )))
+    .bind(scratch)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Projects the log into `scratch` until its checkpoint reaches `until`.
+async fn fill(
+    pool: &PgPool,
+    store: &Arc<dyn EventStore>,
+    projection: &dyn Projection,
+    scratch: &str,
+    until: GlobalPosition,
+    progress: Progress<'_>,
+) -> anyhow::Result<GlobalPosition> {
+    let mut position = read_checkpoint(pool, scratch).await?;
+    while position < until {
+        let mut events = store
+            .read_log(&LogFilter::All, position, BATCH * 10)
+            .await?;
+        events.retain(|e| e.global_position <= until);
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            break;
+        };
+        apply_batch(pool, projection, scratch, &events).await?;
+        position = last;
+        progress(position, until);
+    }
+    Ok(position)
+}
+
+/// Rebuilds `projection` from the log and swaps the result in. Returns the position
+/// the swapped-in read model has reached.
+pub async fn rebuild(
+    pool: &PgPool,
+    store: &Arc<dyn EventStore>,
+    projection: &dyn Projection,
+    progress: Progress<'_>,
+) -> anyhow::Result<GlobalPosition> {
+    let live = projection.schema();
+    let scratch = format!("{live}__rebuild");
+    create_scratch(pool, projection, &scratch).await?;
+    let head = store.head().await?;
+    fill(pool, store, projection, &scratch, head, progress).await?;
+
+    // The swap: hold the live projection's lock, bring the scratch copy up to the log's
+    // head (a short tail), then rename. Queries keep being served throughout.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(live)
+        .execute(&mut *tx)
+        .await?;
+    let mut position = read_checkpoint(pool, &scratch).await?;
+    loop {
+        let events = store.read_log(&LogFilter::All, position, BATCH).await?;
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            break;
+        };
+        crate::runner::set_schema(&mut tx, &scratch).await?;
+        for event in &events {
+            projection.apply(&mut tx, event).await?;
+        }
+        sqlx::query("UPDATE checkpoint SET position = $1, updated_at = now()")
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+        position = last;
+    }
+    let old = format!("{live}__old");
+    for sql in [
+        format!("DROP SCHEMA IF EXISTS \"{old}\" CASCADE"),
+        format!("ALTER SCHEMA \"{live}\" RENAME TO \"{old}\""),
+        format!("ALTER SCHEMA \"{scratch}\" RENAME TO \"{live}\""),
+        format!("DROP SCHEMA \"{old}\" CASCADE"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(position)
+}
+
+/// One difference between a live read model and a fresh rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub table: String,
+    pub key: String,
+    /// `missing` (in the rebuild, not live), `extra` (live, not in the rebuild) or
+    /// `changed` (both, with other values).
+    pub kind: &'static str,
+}
+
+/// Rebuilds `projection` into a scratch schema up to the live checkpoint and reports
+/// every row that differs from the live tables. The scratch schema is dropped after.
+pub async fn verify(
+    pool: &PgPool,
+    store: &Arc<dyn EventStore>,
+    projection: &dyn Projection,
+    progress: Progress<'_>,
+) -> anyhow::Result<Vec<Difference>> {
+    let live = projection.schema();
+    let scratch = format!("{live}__verify");
+    create_scratch(pool, projection, &scratch).await?;
+    let target = read_checkpoint(pool, live).await?;
+    fill(pool, store, projection, &scratch, target, progress).await?;
+
+    // Compare under the live lock, after bringing the copy to the live checkpoint
+    // (which may have moved while the copy was filled).
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(live)
+        .execute(&mut *tx)
+        .await?;
+    let live_position: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT position FROM \"{live}\".checkpoint"
+    )))
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut position = read_checkpoint(pool, &scratch).await?;
+    while position < live_position {
+        let mut events = store.read_log(&LogFilter::All, position, BATCH).await?;
+        events.retain(|e| e.global_position <= live_position);
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            break;
+        };
+        apply_batch(pool, projection, &scratch, &events).await?;
+        position = last;
+    }
+    let mut differences = Vec::new();
+    for (table, key) in projection.tables() {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT coalesce(l.{key}, s.{key})::text AS key,
+                    CASE WHEN l.{key} IS NULL THEN 'missing'
+                         WHEN s.{key} IS NULL THEN 'extra'
+                         ELSE 'changed' END AS kind
+               FROM \"{live}\".\"{table}\" l
+               FULL JOIN \"{scratch}\".\"{table}\" s ON l.{key} = s.{key}
+              WHERE l.{key} IS NULL OR s.{key} IS NULL OR to_jsonb(l) <> to_jsonb(s)
+              ORDER BY 1"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let kind: String = row.try_get("kind")?;
+            differences.push(Difference {
+                table: (*table).to_owned(),
+                key: row.try_get("key")?,
+                kind: match kind.as_str() {
+                    "missing" => "missing",
+                    "extra" => "extra",
+                    _ => "changed",
+                },
+            });
+        }
+    }
+    tx.commit().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{scratch}\" CASCADE"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(differences)
+}
