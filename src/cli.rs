@@ -34,6 +34,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild read models from the log (not from NATS) and swap them in while queries
+    /// keep being served; with --verify, rebuild into scratch tables and report every
+    /// difference from the live ones instead (exit status 1 if any).
+    Replay(ReplayArgs),
     /// Measure this build on this machine (see docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -44,6 +48,19 @@ pub struct ServeArgs {
     /// Refuse to start without Postgres and NATS (also `COLLOQUY_REQUIRE_EXTERNAL=1`).
     #[arg(long)]
     pub external: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The projection: messages, runs or search.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub projection: Option<String>,
+    /// Every projection.
+    #[arg(long)]
+    pub all: bool,
+    /// Compare a fresh rebuild with the live tables instead of swapping it in.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// Parses the command line and runs it.
@@ -109,6 +126,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("Failed to apply migrations")?;
             println!("migrations applied");
             Ok(())
+        }
+        Command::Replay(args) => {
+            let config = load(&cli)?;
+            let _telemetry = telemetry::init(config.settings.rust_log.as_deref(), None)?;
+            crate::replay::run(&config, args).await
         }
         Command::Bench(command) => crate::bench::run(cli.config.as_deref(), command).await,
         Command::Serve(args) => {

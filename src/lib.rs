@@ -12,6 +12,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod replay;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -1,7 +1,7 @@
 //! Command handling against real Postgres: positions and versions, the cache under a
 //! second writer, conflicts, idempotency, multi-stream commands and erasure.
 
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! suite runs each function against a fresh, empty store with
 //! [`contract_tests!`](crate::contract_tests).
 
-#![expect(clippy::unwrap_used, reason = "test code: a failure is a test failure")]
+#![allow(clippy::unwrap_used, reason = "test code: a failure is a test failure")]
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -375,7 +375,8 @@ pub async fn concurrent_retries_write_once(store: Arc<dyn EventStore>) {
 }
 
 pub async fn bad_input_is_rejected_and_writes_nothing(store: Arc<dyn EventStore>) {
-    let cases: Vec<(Vec<StreamAppend>, fn(&InvalidInput) -> bool)> = vec![
+    type Case = (Vec<StreamAppend>, fn(&InvalidInput) -> bool);
+    let cases: Vec<Case> = vec![
         (vec![], |e| matches!(e, InvalidInput::Empty)),
         (
             append("", ExpectedVersion::Any, vec![event("A", json!({}))]),

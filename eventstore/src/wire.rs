@@ -154,10 +154,24 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_never_contain_subject_syntax() {
-        for raw in ["plain", "a.b", "*", ">", "with space", "ünï", "", "%", "x+y:z", "a\tb"] {
+        for raw in [
+            "plain",
+            "a.b",
+            "*",
+            ">",
+            "with space",
+            "ünï",
+            "",
+            "%",
+            "x+y:z",
+            "a\tb",
+        ] {
             let token = encode_token(raw);
             assert!(!token.is_empty());
-            assert!(!token.contains(['.', '*', '>', ' ', '\t']), "{raw:?} -> {token}");
+            assert!(
+                !token.contains(['.', '*', '>', ' ', '\t']),
+                "{raw:?} -> {token}"
+            );
             assert_eq!(decode_token(&token).as_deref(), Some(raw));
         }
         assert_eq!(decode_token("%G1"), None);

@@ -1,7 +1,7 @@
 //! The event-store contract against real Postgres, plus the Postgres-specific proofs
 //! of commit ordering: a transaction held open on purpose, other processes' writes.
 
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 use std::sync::Arc;
 use std::time::Duration;

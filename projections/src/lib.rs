@@ -9,6 +9,7 @@
 //! - [`replay`]: rebuilds into a scratch schema and swaps it in; `--verify` diffs.
 //! - [`wait`]: position waits (architecture rule 5).
 
+pub mod jetstream;
 pub mod messages;
 pub mod projection;
 pub mod replay;

@@ -106,6 +106,11 @@ impl Runner {
         &self.projection
     }
 
+    /// The log this runner reads.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
     /// The checkpoint as this process last saw it; changes after every batch.
     pub fn watch(&self) -> watch::Receiver<GlobalPosition> {
         self.checkpoint.subscribe()

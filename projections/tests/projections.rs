@@ -1,7 +1,7 @@
 //! Read models against real Postgres, fed from the log: what each shows, idempotence,
 //! crash recovery, position waits, search, rebuild and verify.
 
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -87,3 +87,91 @@ fn external_mode_refuses_to_start_without_postgres() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
 }
+
+#[tokio::test]
+async fn replay_rebuilds_and_verify_finds_no_difference_then_finds_tampering() {
+    use std::sync::Arc;
+
+    use colloquy_commands::cache::CacheConfig;
+    use colloquy_commands::{Commands, Context};
+    use colloquy_domain::{ConversationCommand, ConversationId, MessageId, MessageText, UserId};
+    use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
+
+    let db = colloquy_testkit::TestDatabase::new().await;
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::with_pool(
+        db.pool().await,
+        PgOptions::default(),
+    ));
+    let commands = Commands::new(store, CacheConfig::default());
+    let owner = UserId::from_uuid(uuid::Uuid::new_v4());
+    let id = ConversationId::from_uuid(uuid::Uuid::new_v4());
+    let ctx = Context::new(owner);
+    commands
+        .conversation(
+            id,
+            ConversationCommand::Start {
+                id,
+                owner,
+                title: None,
+                system_prompt: None,
+                model: None,
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    for n in 0..5 {
+        commands
+            .conversation(
+                id,
+                ConversationCommand::SendMessage {
+                    message_id: MessageId::from_uuid(uuid::Uuid::new_v4()),
+                    by: owner,
+                    text: MessageText::parse(format!("message {n}")).unwrap(),
+                },
+                &ctx,
+            )
+            .await
+            .unwrap();
+    }
+    let run = |args: &[&str]| {
+        colloquy()
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", "nats://127.0.0.1:4222")
+            .output()
+            .unwrap()
+    };
+    let rebuilt = run(&["replay", "--all"]);
+    let stdout = String::from_utf8_lossy(&rebuilt.stdout);
+    assert!(
+        rebuilt.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    assert!(
+        stdout.contains("messages: rebuilt to position 6"),
+        "{stdout}"
+    );
+    let pool = db.pool().await;
+    let count: i32 = sqlx::query_scalar("SELECT message_count FROM rm_messages.conversations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 5);
+    let verified = run(&["replay", "--all", "--verify"]);
+    assert!(verified.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&verified.stdout)
+            .matches("no difference")
+            .count(),
+        3
+    );
+    sqlx::query("UPDATE rm_messages.messages SET text = 'tampered' WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let tampered = run(&["replay", "messages", "--verify"]);
+    assert!(!tampered.status.success(), "a difference is a failure exit");
+    assert!(String::from_utf8_lossy(&tampered.stdout).contains("messages: messages changed"));
+}

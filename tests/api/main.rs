@@ -2,7 +2,7 @@
 //! test starts the real application on port 0 against its own Postgres database and
 //! its own NATS subject prefix (see `helpers`).
 
-#![expect(clippy::unwrap_used, reason = "test code")]
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 mod cli;
 mod health;
