@@ -1,28 +1,57 @@
 //! The application: connects the dependencies a process needs, starts its roles and
 //! serves HTTP until the shutdown token is cancelled. Tests build it on port 0.
+//!
+//! Roles (`colloquy serve --roles …`, all by default): `gateway` (HTTP), `relay`
+//! (log → JetStream), `projector` (JetStream → read models, healed from the log),
+//! `agent` (not built yet). Background roles run as tasks that stop between messages
+//! when the token is cancelled; correctness never depends on them stopping cleanly.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
+use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
 use colloquy_gateway::{GatewayState, Probe, ProbeResult};
+use colloquy_projections::jetstream::FanOut;
+use colloquy_projections::{Runner, all_projections};
 use secrecy::ExposeSecret;
 use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Storage};
+
+/// What one process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    Gateway,
+    Relay,
+    Projector,
+    Agent,
+}
+
+/// Every role: the default for `serve`.
+pub fn all_roles() -> BTreeSet<Role> {
+    [Role::Gateway, Role::Relay, Role::Projector, Role::Agent]
+        .into_iter()
+        .collect()
+}
 
 /// A built application, listening but not yet serving.
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
-    grace: Duration,
+    config: Config,
+    roles: BTreeSet<Role>,
     pool: PgPool,
+    store: PgEventStore,
     nats: async_nats::Client,
 }
 
@@ -30,6 +59,15 @@ impl Application {
     /// Connects to Postgres (applying migrations) and NATS, and binds the listener
     /// (`listener` if given, else `COLLOQUY_BIND`).
     pub async fn build(config: Config, listener: Option<TcpListener>) -> anyhow::Result<Self> {
+        Self::build_with_roles(config, listener, all_roles()).await
+    }
+
+    /// As [`Application::build`], running only `roles`.
+    pub async fn build_with_roles(
+        config: Config,
+        listener: Option<TcpListener>,
+        roles: BTreeSet<Role>,
+    ) -> anyhow::Result<Self> {
         let Storage::Postgres { url, nats_url } = &config.storage else {
             anyhow::bail!(
                 "the embedded mode (no DATABASE_URL) is not available in this build yet: set DATABASE_URL=postgres://… and NATS_URL"
@@ -44,6 +82,7 @@ impl Application {
         colloquy_eventstore::postgres::migrate(&pool)
             .await
             .context("Failed to apply database migrations")?;
+        let store = PgEventStore::with_pool(pool.clone(), PgOptions::default());
         let nats = async_nats::ConnectOptions::new()
             .name("colloquy")
             .retry_on_initial_connect()
@@ -58,18 +97,26 @@ impl Application {
                     format!("Failed to bind COLLOQUY_BIND={}", config.settings.bind)
                 })?,
         };
-        let probes: Vec<Arc<dyn Probe>> = vec![
+        let mut probes: Vec<Arc<dyn Probe>> = vec![
             Arc::new(PostgresProbe(pool.clone())),
             Arc::new(NatsProbe(nats.clone())),
         ];
+        if roles.contains(&Role::Projector) {
+            probes.push(Arc::new(ProjectionsProbe {
+                pool: pool.clone(),
+                budget: config.projection_lag_budget,
+            }));
+        }
         let router = colloquy_gateway::router(GatewayState {
             probes: Arc::new(probes),
         });
         Ok(Self {
             listener,
             router,
-            grace: config.shutdown_grace,
+            config,
+            roles,
             pool,
+            store,
             nats,
         })
     }
@@ -81,21 +128,83 @@ impl Application {
             .expect("BUG: a bound listener has an address")
     }
 
-    /// Serves until `shutdown` is cancelled, then drains in-flight requests for at most
-    /// the shutdown grace period.
+    fn relay_config(&self) -> RelayConfig {
+        let settings = &self.config.settings;
+        let mut relay = RelayConfig::new(settings.subject_prefix.clone(), settings.stream.clone());
+        relay.replicas = settings.stream_replicas;
+        relay.duplicate_window = self.config.duplicate_window;
+        relay
+    }
+
+    /// Starts the background roles.
+    async fn start_roles(&self, shutdown: &CancellationToken) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let jetstream = async_nats::jetstream::new(self.nats.clone());
+        let relay_config = self.relay_config();
+        if self.roles.contains(&Role::Relay) || self.roles.contains(&Role::Projector) {
+            // Both need the stream; creating it is idempotent. A NATS outage at start
+            // is not fatal: the relay retries, projections follow the log meanwhile.
+            if let Err(error) = ensure_stream(&jetstream, &relay_config).await {
+                tracing::warn!(error = %error, "cannot create the JetStream stream yet; roles will retry");
+            }
+        }
+        if self.roles.contains(&Role::Relay) {
+            let relay = Relay::new(self.store.clone(), jetstream.clone(), relay_config);
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = relay.run(token).await {
+                    tracing::error!(error = %error, "the relay stopped");
+                }
+            }));
+        }
+        if self.roles.contains(&Role::Projector) {
+            let store: Arc<dyn EventStore> = Arc::new(self.store.clone());
+            for projection in all_projections() {
+                let runner = Runner::new(self.pool.clone(), Arc::clone(&store), projection);
+                let fan_out = FanOut {
+                    jetstream: jetstream.clone(),
+                    stream: self.config.settings.stream.clone(),
+                    prefix: self.config.settings.subject_prefix.clone(),
+                };
+                let token = shutdown.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(error) = runner.follow_jetstream(fan_out, token).await {
+                        tracing::error!(projection = runner.projection().name(), error = %error, "the projector stopped");
+                    }
+                }));
+            }
+        }
+        tasks
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight requests and
+    /// background roles for at most the shutdown grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tasks = self.start_roles(&shutdown).await;
+        let grace = self.config.shutdown_grace;
         let signal = shutdown.clone();
+        // Every role serves the operations endpoints (/healthz, /readyz); the public API
+        // joins them with the gateway role.
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { signal.cancelled().await });
         let mut server = std::pin::pin!(server.into_future());
         tokio::select! {
             result = &mut server => result.context("HTTP server failed")?,
             () = shutdown.cancelled() => {
-                match tokio::time::timeout(self.grace, &mut server).await {
+                match tokio::time::timeout(grace, &mut server).await {
                     Ok(result) => result.context("HTTP server failed")?,
-                    Err(_) => tracing::warn!(grace = ?self.grace, "in-flight requests outlived the shutdown grace period; closing them"),
+                    Err(_) => tracing::warn!(?grace, "in-flight requests outlived the shutdown grace period; closing them"),
                 }
             }
+        }
+        if tokio::time::timeout(grace, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "background roles outlived the shutdown grace period"
+            );
         }
         if let Err(error) = self.nats.drain().await {
             tracing::warn!(error = %error, "NATS drain failed");
@@ -142,6 +251,49 @@ impl Probe for NatsProbe {
                 Ok(json!({ "server_version": server.version, "jetstream": server.jetstream }))
             }
             state => Err(format!("connection is {state}")),
+        }
+    }
+}
+
+/// Ready while every projection's oldest unapplied event is younger than the budget.
+#[derive(Debug)]
+struct ProjectionsProbe {
+    pool: PgPool,
+    budget: Duration,
+}
+
+#[async_trait]
+impl Probe for ProjectionsProbe {
+    fn name(&self) -> &'static str {
+        "projections"
+    }
+
+    async fn check(&self) -> ProbeResult {
+        let mut detail = serde_json::Map::new();
+        let mut late = Vec::new();
+        for projection in all_projections() {
+            let lag = colloquy_projections::runner::lag(&self.pool, projection.schema())
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "readiness: projection lag check failed");
+                    "cannot read projection checkpoints".to_owned()
+                })?;
+            if lag.seconds > self.budget.as_secs_f64() {
+                late.push(projection.name());
+            }
+            detail.insert(
+                projection.name().to_owned(),
+                json!({ "checkpoint": lag.checkpoint, "lag_events": lag.events, "lag_seconds": lag.seconds }),
+            );
+        }
+        if late.is_empty() {
+            Ok(serde_json::Value::Object(detail))
+        } else {
+            Err(format!(
+                "lagging beyond {:?}: {}",
+                self.budget,
+                late.join(", ")
+            ))
         }
     }
 }

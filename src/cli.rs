@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Refuse to start without Postgres and NATS (also `COLLOQUY_REQUIRE_EXTERNAL=1`).
     #[arg(long)]
     pub external: bool,
+    /// The roles this process runs, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub roles: Vec<crate::app::Role>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,7 +144,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.settings.rust_log.as_deref(),
                 config.settings.otel_endpoint.as_deref(),
             )?;
-            let app = Application::build(config, None).await?;
+            let roles = if args.roles.is_empty() {
+                crate::app::all_roles()
+            } else {
+                args.roles.iter().copied().collect()
+            };
+            let app = Application::build_with_roles(config, None, roles).await?;
             let addr = app.local_addr();
             println!(
                 "colloquy serving (external mode: Postgres + NATS) on http://{addr} — docs at http://{addr}/docs"

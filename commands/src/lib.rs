@@ -16,6 +16,7 @@ pub mod cache;
 pub mod codec;
 pub mod context;
 pub mod handler;
+pub mod relay;
 
 pub use context::{Causation, Context, Idempotency};
 pub use handler::{CommandError, Commands, Committed, ForgetReport};

@@ -644,7 +644,14 @@ async fn throughput_of_one_relay() {
     let names = streams(50);
     f.append_events(N as usize, &names, 1_000).await;
     let started = Instant::now();
-    let relay = f.spawn();
+    let mut config = f.config.clone();
+    if let Ok(v) = std::env::var("XX_IN_FLIGHT") {
+        config.max_in_flight = v.parse().unwrap();
+    }
+    if let Ok(v) = std::env::var("XX_BATCH") {
+        config.read_batch = v.parse().unwrap();
+    }
+    let relay = f.spawn_with(config);
     let mut held = 0;
     while held < N {
         assert!(started.elapsed() < WAIT, "timed out at {held} of {N}");

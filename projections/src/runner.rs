@@ -189,3 +189,32 @@ impl Runner {
         }
     }
 }
+
+/// How far a projection is behind the log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    pub checkpoint: GlobalPosition,
+    /// Events in the log after the checkpoint (approximate: positions may have gaps).
+    pub events: i64,
+    /// Age of the oldest event not yet applied (0 when caught up).
+    pub seconds: f64,
+}
+
+/// The lag of the projection whose tables live in `schema`.
+pub async fn lag(pool: &PgPool, schema: &str) -> anyhow::Result<Lag> {
+    let checkpoint = read_checkpoint(pool, schema).await?;
+    let (head, oldest): (Option<i64>, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT max(global_position) FROM message_store.messages),
+                (SELECT extract(epoch FROM (now() AT TIME ZONE 'utc') - time)::float8
+                   FROM message_store.messages WHERE global_position > $1
+                  ORDER BY global_position LIMIT 1)",
+    )
+    .bind(checkpoint)
+    .fetch_one(pool)
+    .await?;
+    Ok(Lag {
+        checkpoint,
+        events: (head.unwrap_or(0) - checkpoint).max(0),
+        seconds: oldest.unwrap_or(0.0).max(0.0),
+    })
+}

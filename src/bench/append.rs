@@ -80,6 +80,10 @@ pub struct AppendArgs {
     /// Read `$all` over at least this many events (bulk appends fill up to it).
     #[arg(long, default_value_t = 100_000)]
     pub read_events: u64,
+    /// The store's group-commit writer tasks (`BatchConfig::writers`; default: the
+    /// store's default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub batch_writers: Option<u32>,
     /// Length of the conversation that is loaded.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     pub conversation_events: u64,
@@ -440,7 +444,12 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
         .connect_with(scratch.options().clone())
         .await
         .context("Failed to connect to the scratch database")?;
-    let store = PgEventStore::with_pool(store_pool.clone(), PgOptions::default());
+    let mut options = PgOptions::default();
+    if let Some(writers) = args.batch_writers {
+        options.batch.writers = writers as usize;
+    }
+    let batch = format!("{:?}", options.batch);
+    let store = PgEventStore::with_pool(store_pool.clone(), options);
     let direct = scratch.pool(args.writers).await?;
     let ctx = Ctx {
         store: store.clone(),
@@ -473,7 +482,8 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
             "read_events": args.read_events,
             "conversation_events": args.conversation_events,
             "store_pool_connections": 16,
-            "batch": format!("{:?}", colloquy_eventstore::batcher::BatchConfig::default()),
+            "analyzed_after_warmup_and_bulk": true,
+            "batch": batch,
         }),
         machine,
         scenarios,
@@ -500,6 +510,12 @@ async fn scenarios(
             );
         }
     }
+
+    // A store that has been running has table statistics (autovacuum analyzes as the
+    // log grows). A fresh database has none, and plans cached while the log was empty
+    // (a sequential scan for the id lookup of every batch) would be measured instead:
+    // see docs/PERFORMANCE.md.
+    analyze(admin).await?;
 
     progress(args, "timing the steps of one append");
     let anatomy = anatomy(&ctx.direct, &ctx.data, &ctx.metadata).await?;
@@ -580,6 +596,7 @@ async fn scenarios(
     }
     let bulk = bulk_fill(&ctx.store, args).await?;
     rows.push(bulk);
+    analyze(admin).await?;
     rows.push(read_all(&ctx.store, args).await?);
     rows.push(load_conversation(&ctx.store, args).await?);
 
@@ -719,6 +736,16 @@ async fn anatomy(pool: &PgPool, data: &Value, metadata: &Value) -> anyhow::Resul
         total,
         raw_autocommit_insert: raw,
     })
+}
+
+/// Updates the planner's statistics of the log and the raw table (which invalidates
+/// plans cached on pooled connections).
+async fn analyze(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::raw_sql("ANALYZE message_store.messages; ANALYZE bench_raw.messages;")
+        .execute(pool)
+        .await
+        .context("Failed to analyze the scratch tables")?;
+    Ok(())
 }
 
 /// Group-commit batch sizes of a category, read back from the rows' inserting

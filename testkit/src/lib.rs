@@ -166,3 +166,91 @@ impl Drop for TestDatabase {
         .join();
     }
 }
+
+/// A private `nats-server` with JetStream, for tests that stop and restart NATS.
+/// Uses `COLLOQUY_TEST_NATS_BIN` (set by `scripts/test` to a current server), else the
+/// `nats-server` on the PATH. Killed when dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    binary: String,
+    pub port: u16,
+    store: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let binary =
+            std::env::var("COLLOQUY_TEST_NATS_BIN").unwrap_or_else(|_| "nats-server".to_owned());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let store = std::env::temp_dir().join(format!("colloquy-nats-{}", Uuid::new_v4().simple()));
+        let mut server = Self {
+            binary,
+            port,
+            store,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would; JetStream data stays on disk).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage, waiting until it listens.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new(&self.binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (set COLLOQUY_TEST_NATS_BIN): {e}",
+                    self.binary
+                )
+            });
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start listening"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, reason = "test code")]
 
 mod cli;
+mod fanout;
 mod health;
 mod helpers;
 mod message_db;
