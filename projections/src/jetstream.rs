@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull};
 use colloquy_eventstore::{RecordedEvent, wire};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::runner::Runner;
@@ -87,37 +87,41 @@ impl Runner {
                 },
             )
             .await?;
+        // A continuous pull: messages arrive as soon as they are published (a batched
+        // fetch would hold them until the batch fills or expires).
+        let mut incoming = consumer
+            .stream()
+            .max_messages_per_batch(crate::runner::BATCH)
+            .messages()
+            .await?;
         let mut idle_behind = false;
         loop {
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            let mut batch = consumer
-                .batch()
-                .max_messages(crate::runner::BATCH)
-                .expires(IDLE)
-                .messages()
-                .await?;
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                next = tokio::time::timeout(IDLE, incoming.next()) => next,
+            };
             let mut messages = Vec::new();
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    next = batch.next() => match next {
-                        Some(message) => messages.push(message.map_err(|e| anyhow::anyhow!(e))?),
-                        None => break,
-                    },
+            match first {
+                Ok(Some(message)) => messages.push(message.map_err(|e| anyhow::anyhow!(e))?),
+                Ok(None) => anyhow::bail!("the JetStream consumer stream ended"),
+                Err(_) => {
+                    // Silent fan-out: if the log is ahead twice in a row, catch up from it.
+                    let head = self.store().head().await?;
+                    if head > checkpoint && idle_behind {
+                        checkpoint = self.catch_up(None).await?;
+                        idle_behind = false;
+                    } else {
+                        idle_behind = head > checkpoint;
+                    }
+                    continue;
                 }
             }
-            if messages.is_empty() {
-                // Silent fan-out: if the log is ahead twice in a row, catch up from it.
-                let head = self.store().head().await?;
-                if head > checkpoint && idle_behind {
-                    checkpoint = self.catch_up(None).await?;
-                    idle_behind = false;
-                } else {
-                    idle_behind = head > checkpoint;
+            // Whatever else has already arrived joins the batch, without waiting.
+            while messages.len() < crate::runner::BATCH {
+                match incoming.next().now_or_never() {
+                    Some(Some(message)) => messages.push(message.map_err(|e| anyhow::anyhow!(e))?),
+                    _ => break,
                 }
-                continue;
             }
             idle_behind = false;
             let mut pending: Vec<RecordedEvent> = Vec::with_capacity(messages.len());

@@ -12,6 +12,7 @@
 //! - [`report`]: latency histograms, result rows, the table and machine facts.
 
 pub mod append;
+pub mod readside;
 pub mod report;
 pub mod scratch;
 
@@ -29,6 +30,13 @@ pub enum BenchCommand {
     /// Appends: group commit vs. a raw single-row INSERT ceiling, Message DB's
     /// write_message, `$all` reads and loading a 10,000-event conversation.
     Append(append::AppendArgs),
+    /// Rebuilding each read model from a generated log of realistic events.
+    Replay(readside::ReplayArgs),
+    /// Append → visible in the messages read model, through the relay and JetStream,
+    /// at a sustained rate.
+    Lag(readside::LagArgs),
+    /// Events per second one relay publishes to JetStream.
+    Relay(readside::RelayArgs),
 }
 
 /// Runs a benchmark. `config` is the `--config` file, if any.
@@ -39,6 +47,18 @@ pub async fn run(config: Option<&Path>, command: &BenchCommand) -> anyhow::Resul
         BenchCommand::Append(args) => {
             let url = database_url(args.database_url.as_deref(), &settings)?;
             append::run(&url, args).await
+        }
+        BenchCommand::Replay(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            readside::replay(&url, args).await
+        }
+        BenchCommand::Lag(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            readside::lag(&url, &settings, args).await
+        }
+        BenchCommand::Relay(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            readside::relay(&url, &settings, args).await
         }
     }
 }
