@@ -26,6 +26,20 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event. The connection is inside the batch's transaction with
     /// `search_path` set to the target schema, so SQL names tables unqualified.
     async fn apply(&self, conn: &mut PgConnection, event: &RecordedEvent) -> anyhow::Result<()>;
+
+    /// Applies events in order (all above the checkpoint). The default applies them one
+    /// by one; a projection may fold a batch in memory and write it in bulk, as long as
+    /// the result is the same (`replay --verify` compares the two paths).
+    async fn apply_all(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> anyhow::Result<()> {
+        for event in events {
+            self.apply(conn, event).await?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for dyn Projection {

@@ -47,15 +47,24 @@ async fn fill(
     progress: Progress<'_>,
 ) -> anyhow::Result<GlobalPosition> {
     let mut position = read_checkpoint(pool, scratch).await?;
+    // Reading the next page overlaps with applying this one.
+    let page = |after: GlobalPosition| {
+        let store = Arc::clone(store);
+        async move {
+            let mut events = store.read_log(&LogFilter::All, after, BATCH * 10).await?;
+            events.retain(|e| e.global_position <= until);
+            Ok::<_, colloquy_eventstore::StoreError>(events)
+        }
+    };
+    let mut events = page(position).await?;
     while position < until {
-        let mut events = store
-            .read_log(&LogFilter::All, position, BATCH * 10)
-            .await?;
-        events.retain(|e| e.global_position <= until);
         let Some(last) = events.last().map(|e| e.global_position) else {
             break;
         };
-        apply_batch(pool, projection, scratch, &events).await?;
+        let (applied, next) =
+            tokio::join!(apply_batch(pool, projection, scratch, &events), page(last));
+        applied?;
+        events = next?;
         position = last;
         progress(position, until);
     }
@@ -90,9 +99,7 @@ pub async fn rebuild(
             break;
         };
         crate::runner::set_schema(&mut tx, &scratch).await?;
-        for event in &events {
-            projection.apply(&mut tx, event).await?;
-        }
+        projection.apply_all(&mut tx, &events).await?;
         sqlx::query("UPDATE checkpoint SET position = $1, updated_at = now()")
             .bind(last)
             .execute(&mut *tx)

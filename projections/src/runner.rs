@@ -39,12 +39,18 @@ pub async fn apply_batch(
         .fetch_one(&mut *tx)
         .await?;
     let start = checkpoint;
-    for event in events {
-        if event.global_position <= checkpoint {
-            continue;
+    let fresh: Vec<&RecordedEvent> = events
+        .iter()
+        .filter(|e| e.global_position > start)
+        .collect();
+    if let Some(last) = fresh.last() {
+        checkpoint = last.global_position;
+        if fresh.len() == events.len() {
+            projection.apply_all(&mut tx, events).await?;
+        } else {
+            let fresh: Vec<RecordedEvent> = fresh.into_iter().cloned().collect();
+            projection.apply_all(&mut tx, &fresh).await?;
         }
-        projection.apply(&mut tx, event).await?;
-        checkpoint = event.global_position;
     }
     if checkpoint != start {
         sqlx::query("UPDATE checkpoint SET position = $1, updated_at = now()")

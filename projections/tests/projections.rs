@@ -565,3 +565,51 @@ async fn after_erasure_and_a_rebuild_the_text_is_gone_from_every_read_model() {
         "other users keep their text"
     );
 }
+
+/// The messages projection folds batches in memory; applying the same events one by
+/// one must give the same tables (the live runner and replays use the batch path).
+#[tokio::test]
+async fn the_batch_fold_equals_applying_events_one_by_one() {
+    let w = world().await;
+    workload(&w).await;
+    workload(&w).await;
+    catch_up_all(&w).await;
+    let messages = by_name("messages").unwrap();
+    sqlx::query("SELECT colloquy.create_messages_read_model('rm_messages_one_by_one')")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    let log = w.store.read_log(&LogFilter::All, 0, 10_000).await.unwrap();
+    let mut tx = w.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL search_path TO rm_messages_one_by_one")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for event in &log {
+        messages.apply(&mut tx, event).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(
+        dump(&w.pool, "rm_messages_one_by_one").await,
+        dump(&w.pool, "rm_messages").await
+    );
+    // And in small batches (the live path's shape) as well as one large one.
+    sqlx::query("SELECT colloquy.create_messages_read_model('rm_messages_small_batches')")
+        .execute(&w.pool)
+        .await
+        .unwrap();
+    for chunk in log.chunks(3) {
+        apply_batch(
+            &w.pool,
+            messages.as_ref(),
+            "rm_messages_small_batches",
+            chunk,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        dump(&w.pool, "rm_messages_small_batches").await,
+        dump(&w.pool, "rm_messages").await
+    );
+}
