@@ -107,8 +107,19 @@ impl Application {
                 budget: config.projection_lag_budget,
             }));
         }
+        let auth = colloquy_gateway::AuthState::new(
+            pool.clone(),
+            colloquy_gateway::auth::AuthSettings {
+                jwt_secret: config.settings.jwt_secret.clone(),
+                jwt_private_key_file: config.settings.jwt_private_key_file.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Failed to set up authentication")?;
         let router = colloquy_gateway::router(GatewayState {
             probes: Arc::new(probes),
+            auth,
         });
         Ok(Self {
             listener,
@@ -185,8 +196,13 @@ impl Application {
         let signal = shutdown.clone();
         // Every role serves the operations endpoints (/healthz, /readyz); the public API
         // joins them with the gateway role.
-        let server = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { signal.cancelled().await });
+        // ConnectInfo gives the per-address rate limit of the auth routes its key.
+        let server = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { signal.cancelled().await });
         let mut server = std::pin::pin!(server.into_future());
         tokio::select! {
             result = &mut server => result.context("HTTP server failed")?,

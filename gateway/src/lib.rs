@@ -4,13 +4,21 @@
 //!
 //! - [`health`]: `/healthz` (the process is alive) and `/readyz` (each dependency,
 //!   with detail).
+//! - [`auth`]: `/v1/auth/…` (register, login, refresh, logout), `/v1/me`, and the
+//!   [`AuthUser`] extractor for every `/v1` route.
+//! - [`error`]: [`ApiError`] (problem+json) and the [`ApiJson`] body extractor.
 
+pub mod auth;
+pub mod error;
 pub mod health;
 
 use std::sync::Arc;
 
 use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+pub use auth::{AuthState, AuthUser};
+pub use error::{ApiError, ApiJson};
 pub use health::{Probe, ProbeResult};
 
 /// What the handlers share.
@@ -18,9 +26,25 @@ pub use health::{Probe, ProbeResult};
 pub struct GatewayState {
     /// Dependencies `/readyz` checks.
     pub probes: Arc<Vec<Arc<dyn Probe>>>,
+    /// Keys, password hashing and the auth rate limiter.
+    pub auth: AuthState,
 }
 
 /// The whole HTTP surface.
+///
+/// Every response carries an `X-Request-Id` (the client's, or a new UUID), and every
+/// error body names it; unknown paths and methods are problem+json 404 and 405.
 pub fn router(state: GatewayState) -> Router {
-    Router::new().merge(health::routes()).with_state(state)
+    Router::new()
+        .merge(health::routes())
+        .merge(auth::routes(&state.auth))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(state)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(axum::middleware::from_fn(error::problem_request_id)),
+        )
 }

@@ -1,0 +1,148 @@
+//! Per-IP rate limiting of the auth routes (GCRA, the `governor` crate): by default 10
+//! requests a second per client address, in bursts of up to 20. Over the limit is 429
+//! `rate_limited` with `Retry-After`, before any work (no hashing, no query) is done.
+//!
+//! The key is the peer address of the TCP connection (`ConnectInfo`, which
+//! `axum::serve(…into_make_service_with_connect_info::<SocketAddr>())` provides): an
+//! IPv6 client is keyed by its /64, which one host usually controls whole.
+//! `X-Forwarded-For` is not trusted: behind a reverse proxy every client shares the
+//! proxy's budget. A request without `ConnectInfo` (a router served without it) counts
+//! against one shared key rather than going unlimited.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::Clock as _;
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+use super::AuthState;
+use crate::error::ApiError;
+
+/// A per-IP request budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained requests per second per address.
+    pub per_second: NonZeroU32,
+    /// Requests an idle address may send at once.
+    pub burst: NonZeroU32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: NonZeroU32::new(10).expect("BUG: 10 is not zero"),
+            burst: NonZeroU32::new(20).expect("BUG: 20 is not zero"),
+        }
+    }
+}
+
+/// How often (in requests) idle addresses are dropped from the limiter's memory.
+const SWEEP_EVERY: u64 = 1024;
+
+/// The limiter and its housekeeping.
+pub(crate) struct IpLimiter {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    requests: AtomicU64,
+}
+
+impl std::fmt::Debug for IpLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpLimiter")
+            .field("addresses", &self.limiter.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IpLimiter {
+    pub(crate) fn new(limit: RateLimit) -> Self {
+        let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
+        Self {
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a request from `addr`: `Err` with the 429 when over the budget.
+    fn check(&self, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        if self.requests.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+        let key = addr.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), key_of);
+        self.limiter
+            .check_key(&key)
+            .map_err(|not_until| ApiError::RateLimited {
+                retry_after: not_until.wait_time_from(self.limiter.clock().now()),
+            })
+    }
+}
+
+/// The limiter's key for an address: IPv4 as is, IPv6 by its /64 (an IPv4-mapped IPv6
+/// address is its IPv4 address).
+fn key_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Middleware on the auth routes.
+pub(crate) async fn limit_by_ip(
+    State(auth): State<AuthState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let addr = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    match auth.inner.limiter.check(addr) {
+        Ok(()) => next.run(request).await,
+        Err(error) => {
+            tracing::debug!(client.address = ?addr, "auth request rate-limited");
+            error.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_over_the_budget_is_refused_with_a_delay() {
+        let limiter = IpLimiter::new(RateLimit::default());
+        let addr = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        for _ in 0..20 {
+            limiter.check(addr).unwrap();
+        }
+        match limiter.check(addr) {
+            Err(ApiError::RateLimited { retry_after }) => {
+                assert!(retry_after.as_millis() <= 100, "{retry_after:?}");
+            }
+            other => panic!("expected 429, got {other:?}"),
+        }
+        // Another address has its own budget.
+        limiter
+            .check(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))))
+            .unwrap();
+    }
+
+    #[test]
+    fn ipv6_addresses_share_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(key_of(a), key_of(b));
+        assert_ne!(key_of(a), key_of(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(key_of(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
+    }
+}

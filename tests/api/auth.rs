@@ -1,0 +1,445 @@
+//! Authentication end to end: register, login, the bearer extractor on `/v1/me`,
+//! refresh-token rotation and reuse detection, logout, validation and the error
+//! format (problem+json), and the per-address rate limit of the auth routes.
+
+use colloquy_gateway::auth::tokens::{AccessClaims, JwtKeys, unix_now};
+use reqwest::{Response, StatusCode};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+/// The signing secret of every test app here, so tests can mint their own tokens.
+const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes!";
+const PASSWORD: &str = "correct horse battery staple";
+
+async fn spawn() -> TestApp {
+    spawn_app_with(|s| s.jwt_secret = Some(SecretString::from(SECRET))).await
+}
+
+fn keys() -> JwtKeys {
+    JwtKeys::hs256(SECRET.as_bytes()).unwrap()
+}
+
+async fn post(app: &TestApp, path: &str, body: &Value) -> Response {
+    app.client
+        .post(app.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn post_with_bearer(app: &TestApp, path: &str, token: &str, body: &Value) -> Response {
+    app.client
+        .post(app.url(path))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn me(app: &TestApp, token: &str) -> Response {
+    app.client
+        .get(app.url("/v1/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn register(app: &TestApp, email: &str) -> String {
+    let response = post(
+        app,
+        "/v1/auth/register",
+        &json!({ "email": email, "password": PASSWORD, "display_name": "Ada" }),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.unwrap();
+    body["user_id"].as_str().unwrap().to_owned()
+}
+
+/// Logs in and returns the token response, checking its shape.
+async fn login(app: &TestApp, email: &str) -> Value {
+    let response = post(
+        app,
+        "/v1/auth/login",
+        &json!({ "email": email, "password": PASSWORD }),
+    )
+    .await;
+    tokens(response).await
+}
+
+async fn refresh(app: &TestApp, refresh_token: &Value) -> Response {
+    post(
+        app,
+        "/v1/auth/refresh",
+        &json!({ "refresh_token": refresh_token }),
+    )
+    .await
+}
+
+async fn tokens(response: Response) -> Value {
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 900);
+    assert!(body["access_token"].as_str().unwrap().split('.').count() == 3);
+    assert_eq!(body["refresh_token"].as_str().unwrap().len(), 43);
+    body
+}
+
+/// Checks the response is an RFC 9457 problem with this status and code; returns it.
+async fn problem(response: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let header_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["type"], "about:blank", "{body}");
+    assert_eq!(body["title"], status.canonical_reason().unwrap(), "{body}");
+    assert!(body["detail"].is_string(), "{body}");
+    assert_eq!(body["request_id"], header_id.as_str(), "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_session_registers_logs_in_refreshes_and_logs_out() {
+    let app = spawn().await;
+    let user_id = register(&app, "ada@example.com").await;
+
+    let first = login(&app, "ada@example.com").await;
+    let response = me(&app, first["access_token"].as_str().unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body, json!({ "user_id": user_id, "admin": false }));
+
+    // Refresh rotates: a new refresh token, and a working access token.
+    let second = tokens(refresh(&app, &first["refresh_token"]).await).await;
+    assert_ne!(second["refresh_token"], first["refresh_token"]);
+    let response = me(&app, second["access_token"].as_str().unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let third = tokens(refresh(&app, &second["refresh_token"]).await).await;
+
+    // Reusing a rotated token is refused and revokes the whole family: the newest
+    // token of that session stops working too.
+    problem(
+        refresh(&app, &first["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_refresh_token",
+    )
+    .await;
+    problem(
+        refresh(&app, &third["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_refresh_token",
+    )
+    .await;
+
+    // A new login is a new family, untouched by the revocation.
+    let session = login(&app, "ADA@example.com").await;
+    let access = session["access_token"].as_str().unwrap();
+    let body = json!({ "refresh_token": session["refresh_token"] });
+
+    // Logout needs a bearer token.
+    problem(
+        post(&app, "/v1/auth/logout", &body).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    let response = post_with_bearer(&app, "/v1/auth/logout", access, &body).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    problem(
+        refresh(&app, &session["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_refresh_token",
+    )
+    .await;
+    // Logging out again is harmless.
+    let response = post_with_bearer(&app, "/v1/auth/logout", access, &body).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+    // An unknown refresh token is refused the same way.
+    problem(
+        refresh(&app, &json!("not-a-token")).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_refresh_token",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_taken_email_is_409_whatever_its_case() {
+    let app = spawn().await;
+    register(&app, "ada@example.com").await;
+    let response = post(
+        &app,
+        "/v1/auth/register",
+        &json!({ "email": " ADA@Example.com ", "password": "another password" }),
+    )
+    .await;
+    problem(response, StatusCode::CONFLICT, "email_taken").await;
+}
+
+#[tokio::test]
+async fn invalid_registrations_are_422_naming_each_field() {
+    let app = spawn().await;
+    let fields = |body: &Value| -> Vec<String> {
+        let mut fields: Vec<String> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+                e["field"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        fields.sort();
+        fields
+    };
+    let cases = [
+        (
+            json!({ "email": "not-an-email", "password": "short", "display_name": "x".repeat(101) }),
+            vec!["display_name", "email", "password"],
+        ),
+        (
+            json!({ "email": "ada@example.com", "password": "p".repeat(1025) }),
+            vec!["password"],
+        ),
+        (
+            json!({ "email": "ada@example.com", "password": PASSWORD, "display_name": "Ada\u{7}" }),
+            vec!["display_name"],
+        ),
+        // Schema violations: a missing field, a field of the wrong type.
+        (json!({ "email": "ada@example.com" }), vec!["password"]),
+        (json!({ "email": 42, "password": PASSWORD }), vec!["email"]),
+    ];
+    for (body, expected) in cases {
+        let response = post(&app, "/v1/auth/register", &body).await;
+        let problem = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(fields(&problem), expected, "{body}");
+    }
+    // Nothing was created: the address is still free.
+    register(&app, "ada@example.com").await;
+}
+
+#[tokio::test]
+async fn bad_credentials_get_the_same_401_whatever_is_wrong() {
+    let app = spawn().await;
+    let user_id = register(&app, "ada@example.com").await;
+    register(&app, "bob@example.com").await;
+    let pool = app.db.pool().await;
+    sqlx::query("UPDATE colloquy.users SET disabled = true WHERE email = 'bob@example.com'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut bodies = Vec::new();
+    for (email, password) in [
+        ("ada@example.com", "wrong password"),
+        ("nobody@example.com", PASSWORD),
+        ("bob@example.com", PASSWORD),
+    ] {
+        let response = post(
+            &app,
+            "/v1/auth/login",
+            &json!({ "email": email, "password": password }),
+        )
+        .await;
+        let mut body = problem(response, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+        body.as_object_mut().unwrap().remove("request_id");
+        bodies.push(serde_json::to_vec(&body).unwrap());
+    }
+    assert_eq!(bodies[0], bodies[1], "wrong password vs unknown email");
+    assert_eq!(bodies[0], bodies[2], "wrong password vs disabled account");
+    assert!(
+        !String::from_utf8_lossy(&bodies[0]).contains(&user_id),
+        "nothing about the account leaks"
+    );
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_400_and_other_content_types_415() {
+    let app = spawn().await;
+    let send = |content_type: &'static str, body: &'static str| {
+        app.client
+            .post(app.url("/v1/auth/login"))
+            .header("content-type", content_type)
+            .header("x-request-id", "req-from-the-client")
+            .body(body)
+            .send()
+    };
+    let response = send("application/json", "{\"email\": ").await.unwrap();
+    let body = problem(response, StatusCode::BAD_REQUEST, "malformed_json").await;
+    assert_eq!(body["request_id"], "req-from-the-client");
+    let response = send("text/plain", "{}").await.unwrap();
+    problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    // No content type at all is the same.
+    let response = app
+        .client
+        .post(app.url("/v1/auth/register"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    // Unknown paths and methods answer in the same format.
+    problem(
+        app.get("/v1/nowhere").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    problem(
+        app.get("/v1/auth/login").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn me_refuses_every_token_that_is_not_valid() {
+    let app = spawn().await;
+    let user_id = register(&app, "ada@example.com").await;
+    let session = login(&app, "ada@example.com").await;
+    let valid = session["access_token"].as_str().unwrap().to_owned();
+    let claims = AccessClaims::new(user_id.parse().unwrap(), false);
+
+    // Positive control: a token minted with the same secret and claims is accepted.
+    let minted = keys().sign(&claims).unwrap();
+    assert_eq!(me(&app, &minted).await.status(), StatusCode::OK);
+
+    let (header, rest) = valid.split_once('.').unwrap();
+    let (payload, signature) = rest.split_once('.').unwrap();
+    // Flip one character of the signature (staying in the base64url alphabet).
+    let mut tampered_sig: Vec<char> = signature.chars().collect();
+    tampered_sig[5] = if tampered_sig[5] == 'A' { 'B' } else { 'A' };
+    let tampered_sig: String = tampered_sig.into_iter().collect();
+    // {"alg":"none","typ":"JWT"}, the same claims, no signature.
+    let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+    let mint = |claims: AccessClaims| keys().sign(&claims).unwrap();
+
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("no token", None),
+        ("not a JWT", Some("garbage".to_owned())),
+        (
+            "expired",
+            Some(mint(AccessClaims {
+                iat: unix_now() - 7200,
+                exp: unix_now() - 3600,
+                ..claims.clone()
+            })),
+        ),
+        (
+            "tampered signature",
+            Some(format!("{header}.{payload}.{tampered_sig}")),
+        ),
+        ("alg none", Some(format!("{none_header}.{payload}."))),
+        (
+            "alg none, with the old signature",
+            Some(format!("{none_header}.{payload}.{signature}")),
+        ),
+        (
+            "wrong issuer",
+            Some(mint(AccessClaims {
+                iss: "someone-else".into(),
+                ..claims.clone()
+            })),
+        ),
+        (
+            "wrong audience",
+            Some(mint(AccessClaims {
+                aud: "someone-else".into(),
+                ..claims.clone()
+            })),
+        ),
+        (
+            "another secret",
+            Some(JwtKeys::random().sign(&claims).unwrap()),
+        ),
+    ];
+    for (case, token) in cases {
+        let mut request = app.client.get(app.url("/v1/me"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{case}");
+        assert!(
+            response.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer"),
+            "{case}"
+        );
+        problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+    // A scheme other than Bearer is refused too.
+    let response = app
+        .client
+        .get(app.url("/v1/me"))
+        .header("authorization", format!("Basic {valid}"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+}
+
+#[tokio::test]
+async fn a_burst_of_logins_from_one_address_is_rate_limited() {
+    let app = spawn().await;
+    let body = json!({ "email": "nobody@example.com", "password": "wrong password" });
+    // The budget is 20 at once, refilling at 10 a second: 40 concurrent requests must
+    // overflow it. A few rounds at most, in case the machine is very slow.
+    for round in 0..5 {
+        let responses =
+            futures::future::join_all((0..40).map(|_| post(&app, "/v1/auth/login", &body))).await;
+        let mut limited = None;
+        for response in responses {
+            match response.status() {
+                StatusCode::UNAUTHORIZED => {}
+                StatusCode::TOO_MANY_REQUESTS => limited = Some(response),
+                other => panic!("unexpected {other}"),
+            }
+        }
+        if let Some(response) = limited {
+            let retry_after: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&retry_after), "{retry_after}");
+            problem(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+            return;
+        }
+        eprintln!("round {round}: no 429 yet");
+    }
+    panic!("40 × 5 concurrent logins were never rate-limited");
+}
