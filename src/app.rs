@@ -117,9 +117,15 @@ impl Application {
         )
         .await
         .context("Failed to set up authentication")?;
+        let commands = colloquy_commands::Commands::new(
+            Arc::new(store.clone()),
+            colloquy_commands::cache::CacheConfig::default(),
+        );
         let router = colloquy_gateway::router(GatewayState {
             probes: Arc::new(probes),
             auth,
+            commands,
+            pool: pool.clone(),
         });
         Ok(Self {
             listener,

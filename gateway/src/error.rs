@@ -97,6 +97,11 @@ pub enum ApiError {
     #[error("validation failed")]
     Validation(Vec<FieldError>),
 
+    /// 422 with a caller-chosen code (e.g. `idempotency_key_reused`): the request is
+    /// well-formed but cannot be processed as sent.
+    #[error("{detail}")]
+    Unprocessable { code: &'static str, detail: String },
+
     /// 429 `rate_limited`: too many requests; carries `Retry-After` (whole seconds,
     /// rounded up).
     #[error("too many requests")]
@@ -183,7 +188,7 @@ impl ApiError {
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Validation(_) | Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -194,7 +199,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MalformedJson(_) => "malformed_json",
-            Self::BadRequest { code, .. } | Self::Conflict { code, .. } => code,
+            Self::BadRequest { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Unprocessable { code, .. } => code,
             Self::Unauthorized => "unauthorized",
             Self::InvalidCredentials => "invalid_credentials",
             Self::InvalidRefreshToken => "invalid_refresh_token",
@@ -290,6 +297,63 @@ impl From<tokio::task::JoinError> for ApiError {
     }
 }
 
+impl From<colloquy_domain::DomainError> for ApiError {
+    fn from(error: colloquy_domain::DomainError) -> Self {
+        use colloquy_domain::DomainError;
+        match error {
+            DomainError::Validation(v) => Self::field(v.field, v.rule.to_string()),
+            // NotOwner is a 404 like a missing resource: another user's never shows.
+            e if e.http_status() == 404 => Self::NotFound,
+            e => Self::Conflict {
+                code: e.code(),
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<colloquy_commands::CommandError> for ApiError {
+    fn from(error: colloquy_commands::CommandError) -> Self {
+        use colloquy_commands::CommandError;
+        match error {
+            CommandError::Domain(e) => e.into(),
+            CommandError::IdempotencyMismatch => Self::Unprocessable {
+                code: "idempotency_key_reused",
+                detail: "the Idempotency-Key was already used for a different request".to_owned(),
+            },
+            CommandError::Conflict { .. } => Self::Conflict {
+                code: "conflict",
+                detail: "the conversation kept changing; retry the request".to_owned(),
+            },
+            CommandError::Store(e) if store_unavailable(&e) => {
+                // Logged once, here; the client learns only that it may retry.
+                tracing::warn!(error = %cause_chain(&e), "event store unavailable");
+                Self::Unavailable {
+                    detail: "the event store is unavailable; retry shortly".to_owned(),
+                    retry_after: Duration::from_secs(1),
+                }
+            }
+            other => Self::internal(other),
+        }
+    }
+}
+
+/// Whether a store failure is the store being unreachable or overloaded (503), as
+/// opposed to a fault (500).
+fn store_unavailable(error: &colloquy_eventstore::StoreError) -> bool {
+    use colloquy_eventstore::StoreError;
+    match error {
+        StoreError::Closed => true,
+        StoreError::Backend(source) => source.downcast_ref::<sqlx::Error>().is_some_and(|e| {
+            matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+            )
+        }),
+        _ => false,
+    }
+}
+
 /// Turns a named constraint violation into a clean 4xx (crates.io's `on_constraint`).
 pub trait OnConstraint<T> {
     /// If the query failed on the constraint `name`, `map` says what the client is told;
@@ -368,7 +432,7 @@ where
 }
 
 /// `application/json` or any `application/*+json`, parameters (charset) ignored.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod routes;
 
 use std::sync::Arc;
 
@@ -28,6 +29,10 @@ pub struct GatewayState {
     pub probes: Arc<Vec<Arc<dyn Probe>>>,
     /// Keys, password hashing and the auth rate limiter.
     pub auth: AuthState,
+    /// The command side (every write to the log).
+    pub commands: colloquy_commands::Commands,
+    /// The read models (queries and position waits).
+    pub pool: sqlx::PgPool,
 }
 
 /// The whole HTTP surface.
@@ -38,6 +43,7 @@ pub fn router(state: GatewayState) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(auth::routes(&state.auth))
+        .merge(routes::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)

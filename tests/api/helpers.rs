@@ -111,3 +111,57 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
         server: Some(server),
     }
 }
+
+/// A registered, logged-in user.
+#[derive(Debug, Clone)]
+#[allow(dead_code, reason = "not every test reads every field")]
+pub struct TestUser {
+    pub id: String,
+    pub email: String,
+    pub token: String,
+}
+
+impl TestApp {
+    /// Registers a new user (unique email) and logs them in.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn register_and_login(&self) -> TestUser {
+        let email = format!("user-{}@example.com", uuid::Uuid::new_v4().simple());
+        let password = "correct horse battery staple";
+        let response = self
+            .client
+            .post(self.url("/v1/auth/register"))
+            .json(&serde_json::json!({ "email": email, "password": password }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "register");
+        let registered: serde_json::Value = response.json().await.unwrap();
+        let response = self
+            .client
+            .post(self.url("/v1/auth/login"))
+            .json(&serde_json::json!({ "email": email, "password": password }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "login");
+        let tokens: serde_json::Value = response.json().await.unwrap();
+        TestUser {
+            id: registered["user_id"].as_str().unwrap().to_owned(),
+            email,
+            token: tokens["access_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// A request to `path` with `user`'s bearer token.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        user: &TestUser,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(&user.token)
+    }
+}

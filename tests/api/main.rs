@@ -6,6 +6,7 @@
 
 mod auth;
 mod cli;
+mod conversations;
 mod fanout;
 mod health;
 mod helpers;

@@ -1,0 +1,308 @@
+//! `/v1/conversations/{id}/messages`: send (optionally asking the agent to answer),
+//! edit, delete, and the paged list.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use colloquy_domain::process::{ProcessCommand, SendAndRequestRun};
+use colloquy_domain::{ConversationCommand, ConversationId, MessageId, MessageText, RunId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::conversations::SCHEMA;
+use super::{
+    CommandBody, Idempotency, MinPosition, Params, committed, decode_cursor, encode_cursor,
+    invalid_cursor, limit, parse_id, user_id,
+};
+use crate::GatewayState;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct SendBody {
+    text: String,
+    #[serde(default)]
+    run_agent: bool,
+}
+
+/// `POST /v1/conversations/{id}/messages` `{text, run_agent?}` → 201
+/// `{message_id, run_id?, position, version}`.
+pub(crate) async fn send(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    command: CommandBody<SendBody>,
+) -> Result<Response, ApiError> {
+    let id = ConversationId::from_uuid(parse_id(&id)?);
+    let text = MessageText::parse(command.body.text).map_err(colloquy_domain::DomainError::from)?;
+    let ctx = command.idempotency.context(user);
+    let message_id = MessageId::from_uuid(ctx.derive_id("message"));
+    let (done, run_id) = if command.body.run_agent {
+        let run_id = RunId::from_uuid(ctx.derive_id("run"));
+        let done = state
+            .commands
+            .process(
+                id,
+                run_id,
+                ProcessCommand::SendAndRequestRun(SendAndRequestRun {
+                    message_id,
+                    by: user_id(user),
+                    text,
+                    run_id,
+                    model: None,
+                    instructions: None,
+                }),
+                &ctx,
+            )
+            .await?;
+        (done, Some(run_id))
+    } else {
+        let done = state
+            .commands
+            .conversation(
+                id,
+                ConversationCommand::SendMessage {
+                    message_id,
+                    by: user_id(user),
+                    text,
+                },
+                &ctx,
+            )
+            .await?;
+        (done, None)
+    };
+    let version = done.version_of(&id.stream_name()).unwrap_or_default();
+    let mut body =
+        json!({ "message_id": message_id, "position": done.position, "version": version });
+    if let Some(run_id) = run_id {
+        body["run_id"] = json!(run_id);
+    }
+    Ok(committed(StatusCode::CREATED, done.position, Some(body)))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct EditBody {
+    text: String,
+}
+
+/// `PATCH /v1/conversations/{id}/messages/{message_id}` `{text}` → 200
+/// `{message_id, position, version}`.
+pub(crate) async fn edit(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    Path((id, message_id)): Path<(String, String)>,
+    command: CommandBody<EditBody>,
+) -> Result<Response, ApiError> {
+    let id = ConversationId::from_uuid(parse_id(&id)?);
+    let message_id = MessageId::from_uuid(parse_id(&message_id)?);
+    let text = MessageText::parse(command.body.text).map_err(colloquy_domain::DomainError::from)?;
+    let ctx = command.idempotency.context(user);
+    let done = state
+        .commands
+        .conversation(
+            id,
+            ConversationCommand::EditMessage {
+                message_id,
+                by: user_id(user),
+                text,
+            },
+            &ctx,
+        )
+        .await?;
+    let version = done.version_of(&id.stream_name()).unwrap_or_default();
+    Ok(committed(
+        StatusCode::OK,
+        done.position,
+        Some(json!({ "message_id": message_id, "position": done.position, "version": version })),
+    ))
+}
+
+/// `DELETE /v1/conversations/{id}/messages/{message_id}` → 204.
+pub(crate) async fn delete(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    Path((id, message_id)): Path<(String, String)>,
+    idempotency: Idempotency,
+) -> Result<Response, ApiError> {
+    let id = ConversationId::from_uuid(parse_id(&id)?);
+    let message_id = MessageId::from_uuid(parse_id(&message_id)?);
+    let ctx = idempotency.context(user);
+    let done = state
+        .commands
+        .conversation(
+            id,
+            ConversationCommand::DeleteMessage {
+                message_id,
+                by: user_id(user),
+            },
+            &ctx,
+        )
+        .await?;
+    Ok(committed(StatusCode::NO_CONTENT, done.position, None))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    before: Option<String>,
+    after: Option<String>,
+}
+
+/// Where a page starts: after a `seq` (oldest first, forward) or before one (the
+/// messages just older than it, still returned oldest first; paging goes backward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Anchor {
+    After(i64),
+    Before(i64),
+}
+
+impl Anchor {
+    /// A cursor: forward ones are the base64url of the last seq, backward ones of
+    /// `b` and the oldest seq.
+    fn cursor(self) -> String {
+        match self {
+            Self::After(seq) => encode_cursor(&seq.to_string()),
+            Self::Before(seq) => encode_cursor(&format!("b{seq}")),
+        }
+    }
+
+    fn from_cursor(cursor: &str) -> Result<Self, ApiError> {
+        let raw = decode_cursor(cursor)?;
+        let anchor = match raw.strip_prefix('b') {
+            Some(seq) => seq.parse().map(Self::Before),
+            None => raw.parse().map(Self::After),
+        };
+        anchor.map_err(|_| invalid_cursor())
+    }
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct MessageItem {
+    id: Uuid,
+    author: String,
+    text: String,
+    created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edited_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<Uuid>,
+    #[serde(skip)]
+    seq: i64,
+}
+
+/// `GET /v1/conversations/{id}/messages?limit=&cursor=&before=&after=` → `{items, next_cursor}`,
+/// oldest first, deleted messages left out; keyset paging on `seq` (the message's
+/// position in the conversation stream), so new messages never shift a page.
+/// `after=<message id>` starts after that message; `before=<message id>` gives the
+/// messages just older than it (still oldest first), and its `next_cursor` keeps
+/// going back in time.
+pub(crate) async fn list(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Params(params): Params<ListParams>,
+    min: MinPosition,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let limit = limit(params.limit, 50, 200);
+    let given = [&params.cursor, &params.before, &params.after]
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
+    if given > 1 {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            detail: "give at most one of cursor, before and after".to_owned(),
+        });
+    }
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(Anchor::from_cursor)
+        .transpose()?;
+    // A before/after that is not a UUID names no message of this conversation.
+    let before = params.before.as_deref().map(parse_id).transpose()?;
+    let after = params.after.as_deref().map(parse_id).transpose()?;
+    min.wait(&state, SCHEMA).await?;
+    let visible: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM rm_messages.conversations WHERE id = $1 AND owner = $2 AND NOT archived",
+    )
+    .bind(id)
+    .bind(user.id)
+    .fetch_optional(&state.pool)
+    .await?;
+    if visible.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let anchor = match (cursor, before, after) {
+        (Some(anchor), _, _) => anchor,
+        (None, Some(message), _) => Anchor::Before(seq_of(&state, id, message).await?),
+        (None, None, Some(message)) => Anchor::After(seq_of(&state, id, message).await?),
+        (None, None, None) => Anchor::After(-1),
+    };
+    let (sql, seq) = match anchor {
+        Anchor::After(seq) => (
+            "SELECT id, author, text, created_at, edited_at, run_id, seq
+               FROM rm_messages.messages
+              WHERE conversation_id = $1 AND NOT deleted AND seq > $2
+              ORDER BY seq
+              LIMIT $3",
+            seq,
+        ),
+        Anchor::Before(seq) => (
+            "SELECT id, author, text, created_at, edited_at, run_id, seq
+               FROM rm_messages.messages
+              WHERE conversation_id = $1 AND NOT deleted AND seq < $2
+              ORDER BY seq DESC
+              LIMIT $3",
+            seq,
+        ),
+    };
+    let mut items: Vec<MessageItem> = sqlx::query_as(sql)
+        .bind(id)
+        .bind(seq)
+        .bind(limit + 1)
+        .fetch_all(&state.pool)
+        .await?;
+    let page = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = items.len() > page;
+    items.truncate(page);
+    let next = match anchor {
+        Anchor::After(_) => items.last().map(|m| Anchor::After(m.seq)),
+        Anchor::Before(_) => {
+            items.reverse();
+            items.first().map(|m| Anchor::Before(m.seq))
+        }
+    };
+    let next_cursor = next.filter(|_| more).map(Anchor::cursor);
+    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+}
+
+/// The `seq` of a message of this conversation (deleted ones too); 404 if none.
+async fn seq_of(state: &GatewayState, conversation: Uuid, message: Uuid) -> Result<i64, ApiError> {
+    sqlx::query_scalar(
+        "SELECT seq FROM rm_messages.messages WHERE id = $1 AND conversation_id = $2",
+    )
+    .bind(message)
+    .bind(conversation)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or(ApiError::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_keep_their_direction() {
+        for anchor in [Anchor::After(7), Anchor::Before(7), Anchor::After(-1)] {
+            assert_eq!(Anchor::from_cursor(&anchor.cursor()).ok(), Some(anchor));
+        }
+        assert!(Anchor::from_cursor(&encode_cursor("bx")).is_err());
+        assert!(Anchor::from_cursor(&encode_cursor("")).is_err());
+    }
+}
