@@ -74,6 +74,13 @@ pub enum CommandError {
     /// The idempotency key was used before with a different request (422).
     #[error("the idempotency key was already used for a different request")]
     IdempotencyMismatch,
+    /// The caller's expected stream version (HTTP `If-Match`) is not the stream's (412).
+    #[error("stream {stream} is at version {actual}, not {expected}")]
+    VersionMismatch {
+        stream: String,
+        expected: i64,
+        actual: i64,
+    },
     /// Conflicting writers kept winning (409; the client may retry).
     #[error("stream {stream} kept changing; gave up after {MAX_ATTEMPTS} attempts")]
     Conflict { stream: String },
@@ -142,8 +149,30 @@ impl Commands {
         command: ConversationCommand,
         ctx: &Context,
     ) -> Result<Committed, CommandError> {
-        self.single(&self.conversations, &id.stream_name(), command, ctx)
+        self.single_at(&self.conversations, &id.stream_name(), command, None, ctx)
             .await
+    }
+
+    /// Handles a command on one conversation only if the stream is at `expected`
+    /// (HTTP `If-Match`). The check is the append's own expectation, so it is atomic:
+    /// a concurrent write makes this fail with [`CommandError::VersionMismatch`], never
+    /// slip through.
+    #[instrument(skip_all, fields(conversation.id = %id, command = command_name(&command)))]
+    pub async fn conversation_expecting(
+        &self,
+        id: ConversationId,
+        command: ConversationCommand,
+        expected: i64,
+        ctx: &Context,
+    ) -> Result<Committed, CommandError> {
+        self.single_at(
+            &self.conversations,
+            &id.stream_name(),
+            command,
+            Some(expected),
+            ctx,
+        )
+        .await
     }
 
     /// Handles a command on one run.
@@ -154,7 +183,7 @@ impl Commands {
         command: RunCommand,
         ctx: &Context,
     ) -> Result<Committed, CommandError> {
-        self.single(&self.runs, &id.stream_name(), command, ctx)
+        self.single_at(&self.runs, &id.stream_name(), command, None, ctx)
             .await
     }
 
@@ -321,11 +350,12 @@ impl Commands {
         })
     }
 
-    async fn single<A>(
+    async fn single_at<A>(
         &self,
         cache: &AggregateCache<A>,
         stream: &str,
         command: A::Command,
+        expected: Option<i64>,
         ctx: &Context,
     ) -> Result<Committed, CommandError>
     where
@@ -336,9 +366,19 @@ impl Commands {
             return Ok(done);
         }
         let _turn = self.lock(stream).await;
-        let mut fresh = false;
+        // With an expectation, decide on the log's state, not a possibly stale cache.
+        let mut fresh = expected.is_some();
         for attempt in 0..MAX_ATTEMPTS {
             let loaded = self.load(cache, stream, fresh).await?;
+            if let Some(expected) = expected
+                && expected != loaded.version
+            {
+                return Err(CommandError::VersionMismatch {
+                    stream: stream.to_owned(),
+                    expected,
+                    actual: loaded.version,
+                });
+            }
             let events = match A::decide(loaded.state.as_ref(), command.clone()) {
                 Ok(events) => events,
                 Err(_) if !fresh => {

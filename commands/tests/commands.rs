@@ -429,3 +429,54 @@ async fn a_forgotten_user_s_text_cannot_be_read_from_the_log() {
     let fresh = Commands::new(Arc::clone(&w.store), CacheConfig::default());
     assert!(fresh.load_conversation(id).await.unwrap().state.is_some());
 }
+
+#[tokio::test]
+async fn an_expected_version_is_checked_atomically_with_the_append() {
+    let w = world().await;
+    let id = start(&w, &w.commands).await;
+    let rename = |t: &str| ConversationCommand::Rename {
+        by: w.owner,
+        title: Title::parse(t.into()).unwrap(),
+    };
+    let stale = w
+        .commands
+        .conversation_expecting(id, rename("x"), 5, &Context::new(w.owner))
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(CommandError::VersionMismatch {
+                actual: 0,
+                expected: 5,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    // Several processes rename expecting version 0 at once: exactly one wins.
+    let tasks: Vec<_> = (0..6)
+        .map(|n| {
+            let commands = Commands::new(Arc::clone(&w.store), CacheConfig::default());
+            let owner = w.owner;
+            let cmd = rename(&format!("title {n}"));
+            tokio::spawn(async move {
+                commands
+                    .conversation_expecting(id, cmd, 0, &Context::new(owner))
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(CommandError::VersionMismatch { .. }) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(
+        w.store.stream_version(&id.stream_name()).await.unwrap(),
+        Some(1)
+    );
+}

@@ -317,6 +317,11 @@ impl From<colloquy_commands::CommandError> for ApiError {
         use colloquy_commands::CommandError;
         match error {
             CommandError::Domain(e) => e.into(),
+            CommandError::VersionMismatch {
+                expected, actual, ..
+            } => Self::PreconditionFailed(format!(
+                "the conversation is at version {actual}, not {expected}"
+            )),
             CommandError::IdempotencyMismatch => Self::Unprocessable {
                 code: "idempotency_key_reused",
                 detail: "the Idempotency-Key was already used for a different request".to_owned(),

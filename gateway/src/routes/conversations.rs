@@ -95,30 +95,27 @@ pub(crate) async fn rename(
     let id = ConversationId::from_uuid(parse_id(&id)?);
     let title = Title::parse(command.body.title).map_err(from_validation)?;
     let ctx = command.idempotency.context(user);
-    if let Some(expected) = if_match(&headers)? {
-        let loaded = state.commands.load_conversation(id).await?;
-        match &loaded.state {
-            Some(c) if c.owner() == user_id(user) => {}
-            _ => return Err(ApiError::NotFound),
+    let command = ConversationCommand::Rename {
+        by: user_id(user),
+        title,
+    };
+    let done = match if_match(&headers)? {
+        Some(expected) => {
+            // Ownership first, so another user learns nothing from a 412. (Ownership
+            // never changes, so the cached state is good enough for this.)
+            let loaded = state.commands.load_conversation(id).await?;
+            match &loaded.state {
+                Some(c) if c.owner() == user_id(user) => {}
+                _ => return Err(ApiError::NotFound),
+            }
+            // The version check is the append's own expectation: atomic.
+            state
+                .commands
+                .conversation_expecting(id, command, expected, &ctx)
+                .await?
         }
-        if expected != loaded.version {
-            return Err(ApiError::PreconditionFailed(format!(
-                "the conversation is at version {}, not {expected}",
-                loaded.version
-            )));
-        }
-    }
-    let done = state
-        .commands
-        .conversation(
-            id,
-            ConversationCommand::Rename {
-                by: user_id(user),
-                title,
-            },
-            &ctx,
-        )
-        .await?;
+        None => state.commands.conversation(id, command, &ctx).await?,
+    };
     let version = done.version_of(&id.stream_name()).unwrap_or_default();
     let mut response = committed(
         StatusCode::OK,
