@@ -36,8 +36,9 @@ pub struct Batcher {
 /// Tuning for group commit.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
-    /// Writer tasks (each holds one connection while it writes). Two let the next
-    /// batch wait on the ordering lock while the current one commits.
+    /// Writer tasks (each holds one connection while it writes). One is the default:
+    /// with two, the writer waiting for the ordering lock has already fixed its batch,
+    /// so batches halve and throughput drops (measured in docs/PERFORMANCE.md).
     pub writers: usize,
     /// Most appends in one batch.
     pub max_requests: usize,
@@ -48,7 +49,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            writers: 2,
+            writers: 1,
             max_requests: 256,
             max_events: 2_000,
         }

@@ -159,9 +159,14 @@ impl BatchWriter for PgWriter {
 
         let mut conn = self.pool.acquire().await?;
         // BEGIN and the lock in one round trip. The lock is held to the end of the
-        // transaction, and released only after the commit is visible.
+        // transaction, and released only after the commit is visible. Custom plans:
+        // a generic plan cached while the table was small scans it sequentially for
+        // the id look-up, holding the lock for as long as the table is large (seen in
+        // `colloquy bench append` on a fresh database); planning for the actual
+        // parameters and table size costs far less than that.
         sqlx::raw_sql(
-            "BEGIN; SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());",
+            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
+             SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());",
         )
         .execute(&mut *conn)
         .await?;

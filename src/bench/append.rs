@@ -462,6 +462,9 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
 
     drop(ctx);
     drop(store);
+    // Let the store's notification listener see that it was stopped before its pool
+    // closes (otherwise it may log a reconnect warning).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     for pool in [&store_pool, &direct, &admin] {
         // The store's notification listener lets go of its connection once the store
         // is dropped; dropping the database ends whatever is left anyway.
@@ -1214,7 +1217,9 @@ mod tests {
         let cli =
             Cli::try_parse_from(["x", "append", "--writers", "4", "--events", "100", "--json"])
                 .expect("parses");
-        let crate::bench::BenchCommand::Append(args) = cli.bench;
+        let crate::bench::BenchCommand::Append(args) = cli.bench else {
+            panic!("`append` parses as BenchCommand::Append");
+        };
         assert_eq!(args.writers, 4);
         assert_eq!(args.events, Some(100));
         assert!(args.json);

@@ -21,7 +21,11 @@ impl ScratchDb {
     /// Creates `colloquy_bench_<random>` on the server of `url` and applies the
     /// project's migrations to it.
     pub async fn create(url: &str) -> anyhow::Result<Self> {
-        let admin = PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid URL")?;
+        // Lock waits are what a benchmark provokes: no slow-statement warnings, here
+        // or on the scratch database (whose options derive from these).
+        let admin = PgConnectOptions::from_str(url)
+            .context("DATABASE_URL is not a valid URL")?
+            .disable_statement_logging();
         let name = format!(
             "colloquy_bench_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -36,8 +40,7 @@ impl ScratchDb {
             .with_context(|| format!("Failed to create the scratch database {name}"))?;
         conn.close().await.ok();
         let scratch = Self {
-            // Lock waits are what a benchmark provokes: no slow-statement warnings.
-            options: admin.clone().database(&name).disable_statement_logging(),
+            options: admin.clone().database(&name),
             admin,
             name,
         };
