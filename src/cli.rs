@@ -151,9 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let app = Application::build_with_roles(config, None, roles).await?;
             let addr = app.local_addr();
-            println!(
-                "colloquy serving (external mode: Postgres + NATS) on http://{addr} — docs at http://{addr}/docs"
-            );
+            println!("colloquy serving (external mode: Postgres + NATS) on http://{addr}");
             let token = CancellationToken::new();
             shutdown::on_signal(token.clone());
             app.run_until_stopped(token).await

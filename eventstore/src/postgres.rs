@@ -129,6 +129,10 @@ async fn listen(pool: PgPool, appended: watch::Sender<u64>, stop: CancellationTo
         tokio::select! {
             () = stop.cancelled() => return,
             result = attempt => {
+                if pool.is_closed() {
+                    // The application is shutting down.
+                    return;
+                }
                 if let Err(error) = result {
                     tracing::warn!(error = %error, "log notification listener failed; reconnecting");
                 }
