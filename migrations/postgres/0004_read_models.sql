@@ -6,13 +6,13 @@
 
 CREATE SCHEMA IF NOT EXISTS colloquy;
 
--- The `messages` read model: the conversation list and each conversation's messages.
-CREATE OR REPLACE FUNCTION colloquy.create_messages_read_model(target text)
+-- A projection's checkpoint, in the projection's own schema (so it swaps with the
+-- tables): every event at or below `position` has been applied. One row.
+CREATE OR REPLACE FUNCTION colloquy.create_checkpoint(target text)
 RETURNS void
 AS $$
 BEGIN
   EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', target);
-  -- Where the projection is: every event at or below `position` has been applied.
   EXECUTE format($ddl$
     CREATE TABLE IF NOT EXISTS %I.checkpoint (
       only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -20,6 +20,15 @@ BEGIN
       updated_at timestamptz NOT NULL DEFAULT now()
     )$ddl$, target);
   EXECUTE format('INSERT INTO %I.checkpoint (position) VALUES (0) ON CONFLICT DO NOTHING', target);
+END;
+$$ LANGUAGE plpgsql;
+
+-- The `messages` read model: the conversation list and each conversation's messages.
+CREATE OR REPLACE FUNCTION colloquy.create_messages_read_model(target text)
+RETURNS void
+AS $$
+BEGIN
+  PERFORM colloquy.create_checkpoint(target);
   -- One row per conversation, for the list and the detail view.
   EXECUTE format($ddl$
     CREATE TABLE IF NOT EXISTS %I.conversations (
@@ -65,14 +74,7 @@ CREATE OR REPLACE FUNCTION colloquy.create_runs_read_model(target text)
 RETURNS void
 AS $$
 BEGIN
-  EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', target);
-  EXECUTE format($ddl$
-    CREATE TABLE IF NOT EXISTS %I.checkpoint (
-      only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-      position bigint NOT NULL,
-      updated_at timestamptz NOT NULL DEFAULT now()
-    )$ddl$, target);
-  EXECUTE format('INSERT INTO %I.checkpoint (position) VALUES (0) ON CONFLICT DO NOTHING', target);
+  PERFORM colloquy.create_checkpoint(target);
   EXECUTE format($ddl$
     CREATE TABLE IF NOT EXISTS %I.runs (
       id uuid PRIMARY KEY,
@@ -105,14 +107,7 @@ CREATE OR REPLACE FUNCTION colloquy.create_search_read_model(target text)
 RETURNS void
 AS $$
 BEGIN
-  EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', target);
-  EXECUTE format($ddl$
-    CREATE TABLE IF NOT EXISTS %I.checkpoint (
-      only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-      position bigint NOT NULL,
-      updated_at timestamptz NOT NULL DEFAULT now()
-    )$ddl$, target);
-  EXECUTE format('INSERT INTO %I.checkpoint (position) VALUES (0) ON CONFLICT DO NOTHING', target);
+  PERFORM colloquy.create_checkpoint(target);
   -- Owners of conversations, so every search is restricted to the caller's own.
   EXECUTE format($ddl$
     CREATE TABLE IF NOT EXISTS %I.conversations (

@@ -78,6 +78,20 @@ async fn all_reach(app: &TestApp, position: i64) {
     }
 }
 
+/// `replay --verify` for every projection: no difference from a fresh rebuild.
+async fn assert_read_models_equal_a_replay(pool: &sqlx::PgPool, store: &Arc<dyn EventStore>) {
+    for projection in all_projections() {
+        let differences = verify(pool, store, projection.as_ref(), &|_, _| {})
+            .await
+            .unwrap();
+        assert!(
+            differences.is_empty(),
+            "{}: {differences:?}",
+            projection.name()
+        );
+    }
+}
+
 async fn stream_messages(app: &TestApp) -> u64 {
     let client = async_nats::connect(colloquy_testkit::nats_url())
         .await
@@ -144,16 +158,7 @@ async fn a_purged_stream_is_healed_from_the_log() {
     let (_, second) = conversation_with_messages(&commands, 3).await;
     all_reach(&app, second).await;
     let pool = app.db.pool().await;
-    for projection in all_projections() {
-        let differences = verify(&pool, &store, projection.as_ref(), &|_, _| {})
-            .await
-            .unwrap();
-        assert!(
-            differences.is_empty(),
-            "{}: {differences:?}",
-            projection.name()
-        );
-    }
+    assert_read_models_equal_a_replay(&pool, &store).await;
     let conversations: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_messages.conversations")
         .fetch_one(&pool)
         .await
@@ -179,16 +184,7 @@ async fn fan_out_resumes_after_nats_restarts_and_commands_never_stop() {
     assert!(after > during);
     all_reach(&app, after).await;
     let pool = app.db.pool().await;
-    for projection in all_projections() {
-        let differences = verify(&pool, &store, projection.as_ref(), &|_, _| {})
-            .await
-            .unwrap();
-        assert!(
-            differences.is_empty(),
-            "{}: {differences:?}",
-            projection.name()
-        );
-    }
+    assert_read_models_equal_a_replay(&pool, &store).await;
     // The relay caught the stream up too, each event once.
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
