@@ -84,6 +84,10 @@ pub struct AppendArgs {
     /// store's default).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub batch_writers: Option<u32>,
+    /// Do not ANALYZE the tables after the warm-up and the bulk fill: measure a fresh
+    /// database as it is before autovacuum has looked at it.
+    #[arg(long)]
+    pub skip_analyze: bool,
     /// Length of the conversation that is loaded.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     pub conversation_events: u64,
@@ -144,11 +148,20 @@ fn text(report: &Report, args: &AppendArgs) -> String {
         },
         |n| format!("{} events per write scenario", report::thousands(n as f64)),
     );
+    let batch_writers = args.batch_writers.map_or(
+        colloquy_eventstore::batcher::BatchConfig::default().writers,
+        |w| w as usize,
+    );
     format!(
-        "colloquy bench append: {} writers, {measured} in {} interleaved rounds, {}-byte payloads\n{}\n\n{}\ntargets:\n{}",
+        "colloquy bench append: {} writers, {measured} in {} interleaved rounds, {}-byte payloads, {batch_writers} batch writer(s){}\n{}\n\n{}\ntargets:\n{}",
         args.writers,
         args.rounds,
         args.payload_bytes,
+        if args.skip_analyze {
+            ", no ANALYZE"
+        } else {
+            ""
+        },
         report.machine.summary(),
         report::table(&report.scenarios),
         report::targets(&report.targets),
@@ -485,7 +498,7 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
             "read_events": args.read_events,
             "conversation_events": args.conversation_events,
             "store_pool_connections": 16,
-            "analyzed_after_warmup_and_bulk": true,
+            "analyzed_after_warmup_and_bulk": !args.skip_analyze,
             "batch": batch,
         }),
         machine,
@@ -518,7 +531,9 @@ async fn scenarios(
     // log grows). A fresh database has none, and plans cached while the log was empty
     // (a sequential scan for the id lookup of every batch) would be measured instead:
     // see docs/PERFORMANCE.md.
-    analyze(admin).await?;
+    if !args.skip_analyze {
+        analyze(admin).await?;
+    }
 
     progress(args, "timing the steps of one append");
     let anatomy = anatomy(&ctx.direct, &ctx.data, &ctx.metadata).await?;
@@ -599,7 +614,9 @@ async fn scenarios(
     }
     let bulk = bulk_fill(&ctx.store, args).await?;
     rows.push(bulk);
-    analyze(admin).await?;
+    if !args.skip_analyze {
+        analyze(admin).await?;
+    }
     rows.push(read_all(&ctx.store, args).await?);
     rows.push(load_conversation(&ctx.store, args).await?);
 
@@ -673,7 +690,8 @@ async fn anatomy(pool: &PgPool, data: &Value, metadata: &Value) -> anyhow::Resul
         let stream = format!("benchProbe-{n}");
         let t0 = Instant::now();
         sqlx::raw_sql(
-            "BEGIN; SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());",
+            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
+             SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());",
         )
         .execute(&mut *conn)
         .await?;
