@@ -10,11 +10,18 @@
 //!   the stream's last sequence when it resumes and counts up from it. A relay that lost
 //!   leadership but still runs has a stale count, so JetStream refuses its publishes;
 //!   it stops and resumes (and, having lost the lock, stops publishing altogether).
-//!   Every publish after the first of a run also carries `Nats-Expected-Last-Msg-Id` =
-//!   the previous event's id, so once one pipelined publish is refused, none after it
-//!   can land and leave a gap.
+//!   Another relay cannot leave a gap this way (both count from what the stream holds),
+//!   but a foreign message can: with many publishes in flight, the publish after a
+//!   refused one lands if exactly as many foreign messages were stored as publishes
+//!   refused, and the refused events would be missing. So after a refusal the relay
+//!   waits for the rest of its acks; if one was stored after a refusal, it reads the
+//!   stream's tail and republishes the refused events the stream does not hold, out of
+//!   position order and marked [`RESUME_AFTER`]. (`Nats-Expected-Last-Msg-Id` would
+//!   refuse them outright, but on nats-server 2.15 a replicated stream treats such a
+//!   refusal as a critical write error and goes offline.)
 //! - **Resume from the stream.** At start and after every failure the relay reads the
-//!   stream's last message and continues after its `Colloquy-Position`. Only when the
+//!   stream's last message and continues after its `Colloquy-Position` (or its
+//!   `Colloquy-Resume-After`, when higher). Only when the
 //!   stream holds no position (purged, recreated, emptied) does it fall back to its own
 //!   checkpoint in `colloquy.relay_checkpoint`, then to 0. Duplicates therefore never
 //!   depend on JetStream's duplicate window, however long an outage lasts; the window
@@ -27,7 +34,7 @@
 //! Each message carries the previous event's position and the previous position in its
 //! category, so consumers notice when NATS lost something ([`wire`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,7 +43,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use async_nats::HeaderMap;
-use async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID;
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{
     CreateStreamErrorKind, GetStreamErrorKind, PublishError, PublishErrorKind,
 };
@@ -45,10 +52,11 @@ use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::{self, RawMessageErrorKind, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
 use colloquy_eventstore::{
-    EventStore, GlobalPosition, LogFilter, PgEventStore, RecordedEvent, Subscription, wire,
+    EventStore, GlobalPosition, LogFilter, PgEventStore, RecordedEvent, Subscription,
+    SubscriptionItem, wire,
 };
-use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt as _, StreamExt as _};
 use sqlx::postgres::{PgConnection, PgExecutor};
 use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::mpsc;
@@ -66,6 +74,16 @@ const MAX_WALK_BACK: u64 = 256;
 /// Categories remembered for `Colloquy-Previous-In-Category`; beyond this the map is
 /// cleared and re-seeded from the log (one query per category).
 const MAX_CATEGORIES: usize = 10_000;
+
+/// Most messages the log reader hands to the publisher at once.
+const CHUNK: usize = 128;
+
+/// Header on a republished (displaced) event: the highest position the stream held when
+/// it was republished, which is where a resume continues.
+pub const RESUME_AFTER: &str = "Colloquy-Resume-After";
+
+/// Most stream messages read to find which refused events are missing.
+const MAX_REPAIR_SCAN: u64 = 8_192;
 
 /// Bound on each leader-connection query (lock, liveness, checkpoint).
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
@@ -317,9 +335,29 @@ pub struct Relay {
 enum Failure {
     /// The stream is not where this relay thought: another publisher wrote to it, or it
     /// was recreated. Resume at once, keeping leadership.
-    Fenced(String),
+    Fenced(Fence),
     /// Anything else: give up leadership, back off, retry.
     Hard(anyhow::Error),
+}
+
+/// What a fenced run knows about its refused publishes.
+struct Fence {
+    reason: String,
+    /// Refused publishes, in order: (position, event id, expected last sequence).
+    refused: Vec<(GlobalPosition, String, u64)>,
+    /// Whether a publish was stored after one was refused (only then can a refused event
+    /// be missing below an event the stream holds).
+    stored_after_refusal: bool,
+}
+
+impl Fence {
+    fn new(reason: String) -> Self {
+        Self {
+            reason,
+            refused: Vec::new(),
+            stored_after_refusal: false,
+        }
+    }
 }
 
 impl From<anyhow::Error> for Failure {
@@ -349,9 +387,25 @@ struct Outgoing {
     payload: Vec<u8>,
 }
 
+/// The state of one publishing run (from a resume to its end).
+struct Run {
+    /// The stream sequence the next publish expects to be last.
+    next_expected: u64,
+    /// The highest position known to be in the stream.
+    acked: GlobalPosition,
+    /// The checkpoint as last written.
+    recorded: GlobalPosition,
+    /// One publish at a time until the first is stored: right after a resume, events
+    /// JetStream still remembers (after a purge) come back as duplicates, and one at a
+    /// time each costs a round trip instead of a resume.
+    careful: bool,
+}
+
 /// A publish awaiting its ack.
 struct Pending {
     position: GlobalPosition,
+    /// The event id.
+    id: String,
     /// The last sequence it was published to follow.
     expected: u64,
 }
@@ -489,8 +543,24 @@ impl Relay {
             match self.publish(conn, resume, shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(Failure::Hard(error)) => return Err(error),
-                Err(Failure::Fenced(reason)) => {
+                Err(Failure::Fenced(fence)) => {
                     self.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                    let reason = fence.reason.clone();
+                    if fence.stored_after_refusal {
+                        match self.repair(&fence).await {
+                            Ok(0) => {}
+                            Ok(republished) => tracing::warn!(
+                                stream = %self.config.stream,
+                                republished,
+                                "a foreign write displaced events in the stream; republished them out of position order"
+                            ),
+                            Err(error) => tracing::warn!(
+                                stream = %self.config.stream,
+                                error = format!("{error:#}"),
+                                "events displaced by a foreign write could not be republished; consumers read them from the log"
+                            ),
+                        }
+                    }
                     // Something keeps writing to the stream: don't spin.
                     fenced_delay = if self.stats.last_position() > before {
                         Duration::ZERO
@@ -540,11 +610,7 @@ impl Relay {
             while sequence >= first && last_sequence - sequence < MAX_WALK_BACK {
                 match stream.get_raw_message(sequence).await {
                     Ok(message) => {
-                        if let Some(position) = message
-                            .headers
-                            .get(wire::POSITION)
-                            .and_then(|v| v.as_str().parse::<GlobalPosition>().ok())
-                        {
+                        if let Some(position) = held_position(&message.headers) {
                             held = Some(position);
                             break;
                         }
@@ -602,7 +668,8 @@ impl Relay {
         resume: Resume,
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
-        let (tx, mut rx) = mpsc::channel(self.config.read_batch.max(self.config.max_in_flight) * 2);
+        let read_ahead = self.config.read_batch.max(self.config.max_in_flight) * 2 / CHUNK;
+        let (tx, mut rx) = mpsc::channel(read_ahead.max(2));
         let _reader = AbortOnDrop(tokio::spawn(read_log(
             self.store.clone(),
             self.config.prefix.clone(),
@@ -610,96 +677,127 @@ impl Relay {
             self.config.read_batch,
             tx,
         )));
-        let mut next_expected = resume.last_sequence;
-        // The id of the event published just before in this run (none for the first).
-        let mut previous_id: Option<String> = None;
-        // The highest position known to be in the stream, and the one recorded.
-        let mut acked = resume.after;
-        let mut recorded = resume.checkpoint;
+        let mut run = Run {
+            next_expected: resume.last_sequence,
+            acked: resume.after,
+            recorded: resume.checkpoint,
+            careful: true,
+        };
         let mut in_flight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+        // Read and encoded, not yet published.
+        let mut queue: VecDeque<Outgoing> = VecDeque::new();
         let mut check = tokio::time::interval(self.config.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         check.reset();
 
-        let outcome = loop {
+        let outcome = 'run: loop {
+            let limit = if run.careful {
+                1
+            } else {
+                self.config.max_in_flight
+            };
+            while in_flight.len() < limit
+                && let Some(outgoing) = queue.pop_front()
+            {
+                match self.send(outgoing, run.next_expected).await {
+                    Ok(ack) => {
+                        in_flight.push_back(ack);
+                        run.next_expected += 1;
+                    }
+                    Err(error) => break 'run Err(Failure::Hard(error)),
+                }
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Ok(()),
                 Some((pending, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Err(failure) = self.settle(pending, result, &mut acked) {
+                    if let Err(failure) = self.settle(&mut run, pending, result) {
                         break Err(failure);
                     }
-                }
-                item = rx.recv(), if in_flight.len() < self.config.max_in_flight => {
-                    let outgoing = match item {
-                        Some(Ok(outgoing)) => outgoing,
-                        Some(Err(error)) => break Err(Failure::Hard(error)),
-                        None => break Err(Failure::Hard(anyhow!("the log reader stopped"))),
-                    };
-                    let id = outgoing.id.clone();
-                    match self.send(outgoing, next_expected, previous_id.take()).await {
-                        Ok(ack) => {
-                            in_flight.push_back(ack);
-                            next_expected += 1;
-                            previous_id = Some(id);
+                    // Settle whatever else has arrived before sending more.
+                    while let Some(Some((pending, result))) = in_flight.next().now_or_never() {
+                        if let Err(failure) = self.settle(&mut run, pending, result) {
+                            break 'run Err(failure);
                         }
-                        Err(error) => break Err(Failure::Hard(error)),
                     }
                 }
+                chunk = rx.recv(), if queue.is_empty() => match chunk {
+                    Some(Ok(chunk)) => queue.extend(chunk),
+                    Some(Err(error)) => break Err(Failure::Hard(error)),
+                    None => break Err(Failure::Hard(anyhow!("the log reader stopped"))),
+                },
                 _ = check.tick() => {
-                    if let Err(error) = self.check_leader(conn, acked, &mut recorded).await {
+                    if let Err(error) = self.check_leader(conn, run.acked, &mut run.recorded).await {
                         break Err(Failure::Hard(error));
                     }
                 }
             }
         };
 
-        if outcome.is_ok() {
-            // Stopping: record what is already on its way, briefly.
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                while let Some((pending, result)) = in_flight.next().await {
-                    if self.settle(pending, result, &mut acked).is_err() {
-                        break;
+        let mut outcome = outcome;
+        match &mut outcome {
+            Ok(()) => {
+                // Stopping: record what is already on its way, briefly.
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                    while let Some((pending, result)) = in_flight.next().await {
+                        if self.settle(&mut run, pending, result).is_err() {
+                            break;
+                        }
                     }
+                })
+                .await;
+            }
+            Err(Failure::Fenced(fence)) => {
+                // Learn the fate of every publish still in flight: one stored after a
+                // refusal means refused events may be missing below it.
+                let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                    while let Some((pending, result)) = in_flight.next().await {
+                        match self.settle(&mut run, pending, result) {
+                            Ok(()) => {
+                                if !fence.refused.is_empty() {
+                                    fence.stored_after_refusal = true;
+                                }
+                            }
+                            Err(Failure::Fenced(later)) => fence.refused.extend(later.refused),
+                            Err(Failure::Hard(_)) => {}
+                        }
+                    }
+                })
+                .await;
+                if drained.is_err() {
+                    tracing::warn!(
+                        stream = %self.config.stream,
+                        "acks after a refused publish did not arrive; events may be missing from the stream (consumers read them from the log)"
+                    );
                 }
-            })
-            .await;
+            }
+            Err(Failure::Hard(_)) => {}
         }
         drop(in_flight);
         // Best effort: after a purge, this is where the next resume starts.
-        if acked > recorded {
+        if run.acked > run.recorded {
             let _ = tokio::time::timeout(
                 DB_TIMEOUT,
-                write_checkpoint(conn, &self.config.stream, acked),
+                write_checkpoint(conn, &self.config.stream, run.acked),
             )
             .await;
         }
         outcome
     }
 
-    /// Publishes one message fenced twice: by the stream sequence it must follow, and
-    /// (after the first of a run) by the id of the message it must follow. The sequence
-    /// alone cannot stop a pipelined publish from landing after a refused one (if exactly
-    /// one foreign message was stored, the next publish's expected sequence matches
-    /// again, leaving a gap); the id chain can: once one publish of a run is refused,
-    /// every later one is too.
-    async fn send(
-        &self,
-        outgoing: Outgoing,
-        expected: u64,
-        previous_id: Option<String>,
-    ) -> anyhow::Result<AckFuture> {
+    /// Publishes one message, fenced by the stream sequence it must follow.
+    async fn send(&self, outgoing: Outgoing, expected: u64) -> anyhow::Result<AckFuture> {
         let Outgoing {
             position,
+            id,
             subject,
             mut headers,
             payload,
-            ..
         } = outgoing;
-        headers.insert(wire::EXPECTED_LAST_SEQUENCE, expected.to_string());
-        if let Some(previous_id) = previous_id {
-            headers.insert(NATS_EXPECTED_LAST_MESSAGE_ID, previous_id);
-        }
+        headers.insert(
+            HeaderName::from_static(wire::EXPECTED_LAST_SEQUENCE),
+            expected.to_string(),
+        );
         let ack = self
             .js
             .send_publish(
@@ -710,29 +808,39 @@ impl Relay {
             )
             .await
             .with_context(|| format!("Failed to publish the event at position {position}"))?;
-        let pending = Pending { position, expected };
+        let pending = Pending {
+            position,
+            id,
+            expected,
+        };
         Ok(Box::pin(async move { (pending, ack.await) }))
     }
 
     /// Handles one ack, in publish order.
     fn settle(
         &self,
+        run: &mut Run,
         pending: Pending,
         result: Result<PublishAck, PublishError>,
-        acked: &mut GlobalPosition,
     ) -> Result<(), Failure> {
         match result {
             Ok(ack) if ack.duplicate => {
-                // JetStream already holds this event id (within its duplicate window): it
-                // was not stored again, so the stream's last sequence did not move, and the
-                // publishes after this one (which expected it to) will be refused and sent
-                // again after a resume. The event itself is in the stream.
-                *acked = (*acked).max(pending.position);
-                self.stats.last_position.store(*acked, Ordering::Relaxed);
+                // JetStream already knows this event id (its duplicate window remembers
+                // it, e.g. after a purge): the event was published, and was not stored
+                // again, so the stream's last sequence did not move.
+                run.acked = run.acked.max(pending.position);
+                self.stats.last_position.store(run.acked, Ordering::Relaxed);
+                if run.careful {
+                    // The only publish in flight: the next one follows the stream as it is.
+                    run.next_expected -= 1;
+                }
+                // Otherwise the publishes after this one expected it to be stored; they
+                // are refused, and sent again after a resume.
                 Ok(())
             }
             Ok(ack) => {
-                *acked = pending.position;
+                run.acked = pending.position;
+                run.careful = false;
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .last_position
@@ -740,31 +848,127 @@ impl Relay {
                 if ack.sequence == pending.expected + 1 {
                     Ok(())
                 } else {
-                    // Only possible where the server did not check the expectation (a
-                    // 2.9 server does not check an expected last sequence of 0).
-                    Err(Failure::Fenced(format!(
+                    // Defensive: the server checked the expected last sequence, so this
+                    // should not happen.
+                    Err(Failure::Fenced(Fence::new(format!(
                         "stored at sequence {} where {} was expected",
                         ack.sequence,
                         pending.expected + 1
-                    )))
+                    ))))
                 }
             }
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
-                ) =>
-            {
-                Err(Failure::Fenced(format!(
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                let mut fence = Fence::new(format!(
                     "publish at position {} refused: {error}",
                     pending.position
-                )))
+                ));
+                fence
+                    .refused
+                    .push((pending.position, pending.id, pending.expected));
+                Err(Failure::Fenced(fence))
             }
             Err(error) => Err(Failure::Hard(anyhow::Error::new(error).context(format!(
                 "the publish of position {} was not acknowledged",
                 pending.position
             )))),
         }
+    }
+
+    /// After a refused publish was followed by a stored one: finds which refused events
+    /// the stream does not hold below its highest position, and republishes them (fenced,
+    /// one at a time, marked with [`RESUME_AFTER`]). Returns how many it republished.
+    async fn repair(&self, fence: &Fence) -> anyhow::Result<usize> {
+        let Some(scan_from) = fence
+            .refused
+            .iter()
+            .map(|(_, _, expected)| expected + 1)
+            .min()
+        else {
+            return Ok(0);
+        };
+        let name = &self.config.stream;
+        let stream = self
+            .js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("Failed to read JetStream stream {name}"))?;
+        let last = stream.cached_info().state.last_sequence;
+        if last.saturating_sub(scan_from) >= MAX_REPAIR_SCAN {
+            bail!(
+                "the stream moved {} messages past the refusal; not scanning",
+                last - scan_from
+            );
+        }
+        // Every event a refused publish could have been displaced by is in this range.
+        let mut present = std::collections::HashSet::new();
+        let mut high: GlobalPosition = 0;
+        for sequence in scan_from..=last {
+            match stream.get_raw_message(sequence).await {
+                Ok(message) => {
+                    if let Some(id) = message.headers.get(NATS_MESSAGE_ID) {
+                        present.insert(id.as_str().to_owned());
+                    }
+                    if let Some(position) = held_position(&message.headers) {
+                        high = high.max(position);
+                    }
+                }
+                Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => {}
+                Err(error) => {
+                    return Err(error).with_context(|| {
+                        format!("Failed to read message {sequence} of JetStream stream {name}")
+                    });
+                }
+            }
+        }
+        let missing: Vec<uuid::Uuid> = fence
+            .refused
+            .iter()
+            .filter(|(position, id, _)| *position < high && !present.contains(id))
+            .filter_map(|(_, id, _)| id.parse().ok())
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let events = self
+            .store
+            .read_events_by_id(&missing)
+            .await
+            .context("Failed to read displaced events from the log")?;
+        let mut expected = last;
+        let mut republished = 0;
+        for event in &events {
+            let previous: Option<GlobalPosition> = sqlx::query_scalar(
+                "SELECT max(global_position) FROM message_store.messages WHERE global_position < $1",
+            )
+            .bind(event.global_position)
+            .fetch_one(self.store.pool())
+            .await?;
+            let previous_in_category = previous_in_category(&self.store, event).await?;
+            let mut outgoing = encode(
+                &self.config.prefix,
+                event,
+                previous.unwrap_or(0),
+                previous_in_category,
+            );
+            outgoing
+                .headers
+                .insert(HeaderName::from_static(RESUME_AFTER), high.to_string());
+            let (_, result) = self.send(outgoing, expected).await?.await;
+            match result {
+                Ok(ack) if ack.duplicate => {}
+                Ok(_) => {
+                    expected += 1;
+                    republished += 1;
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error).context(format!(
+                        "Failed to republish the event at position {}",
+                        event.global_position
+                    )));
+                }
+            }
+        }
+        Ok(republished)
     }
 
     /// Proves the lock connection is alive (so the lock is still held), recording the
@@ -793,29 +997,53 @@ impl Relay {
 
 /// Reads the log after `after` and sends encoded messages, in order, until the receiver
 /// goes away or reading fails (the failure is sent, then the task ends).
+///
+/// Messages go in chunks of up to [`CHUNK`], handed over when a chunk is full or the
+/// subscription has caught up (so a lone live event is not held back), which keeps
+/// hand-offs between the tasks far fewer than events.
 async fn read_log(
     store: PgEventStore,
     prefix: String,
     after: GlobalPosition,
     batch: usize,
-    tx: mpsc::Sender<anyhow::Result<Outgoing>>,
+    tx: mpsc::Sender<anyhow::Result<Vec<Outgoing>>>,
 ) {
     let mut subscription =
         Subscription::new(Arc::new(store.clone()), LogFilter::All, after).with_batch_size(batch);
     let mut chain = Chain::new(after);
+    let mut chunk = Vec::with_capacity(CHUNK);
     loop {
         let next = async {
-            let event = subscription
-                .next_event()
+            match subscription
+                .next()
                 .await
-                .context("Failed to read the log")?;
-            chain.next(&store, &prefix, &event).await
+                .context("Failed to read the log")?
+            {
+                SubscriptionItem::Event(event) => {
+                    chunk.push(chain.next(&store, &prefix, &event).await?);
+                    Ok(chunk.len() >= CHUNK)
+                }
+                SubscriptionItem::CaughtUp(_) => Ok(true),
+            }
         }
         .await;
-        let failed = next.is_err();
-        if tx.send(next).await.is_err() || failed {
+        let sent = match next {
+            Ok(false) => continue,
+            Ok(true) if chunk.is_empty() => continue,
+            Ok(true) => tx.send(Ok(std::mem::take(&mut chunk))).await,
+            Err(error) => {
+                // What was read before the failure still goes first.
+                if !chunk.is_empty() && tx.send(Ok(std::mem::take(&mut chunk))).await.is_err() {
+                    return;
+                }
+                let _ = tx.send(Err(error)).await;
+                return;
+            }
+        };
+        if sent.is_err() {
             return;
         }
+        chunk = Vec::with_capacity(CHUNK);
     }
 }
 
@@ -848,16 +1076,7 @@ impl Chain {
                 if self.categories.len() >= MAX_CATEGORIES {
                     self.categories.clear();
                 }
-                sqlx::query_scalar::<_, Option<GlobalPosition>>(
-                    "SELECT max(global_position) FROM message_store.messages
-                      WHERE message_store.category(stream_name) = $1 AND global_position < $2",
-                )
-                .bind(category)
-                .bind(event.global_position)
-                .fetch_one(store.pool())
-                .await
-                .context("Failed to look up the previous event of a category")?
-                .unwrap_or(0)
+                previous_in_category(store, event).await?
             }
         };
         self.categories
@@ -868,6 +1087,36 @@ impl Chain {
     }
 }
 
+/// The position of the previous event of `event`'s category (0 if none).
+async fn previous_in_category(
+    store: &PgEventStore,
+    event: &RecordedEvent,
+) -> anyhow::Result<GlobalPosition> {
+    Ok(sqlx::query_scalar::<_, Option<GlobalPosition>>(
+        "SELECT max(global_position) FROM message_store.messages
+          WHERE message_store.category(stream_name) = $1 AND global_position < $2",
+    )
+    .bind(event.category())
+    .bind(event.global_position)
+    .fetch_one(store.pool())
+    .await
+    .context("Failed to look up the previous event of a category")?
+    .unwrap_or(0))
+}
+
+/// Where a stream message says a resume continues: after its `Colloquy-Position`, or
+/// after its `Colloquy-Resume-After` if that is higher (a republished, displaced event);
+/// `None` for a message the relay did not publish.
+fn held_position(headers: &HeaderMap) -> Option<GlobalPosition> {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.as_str().parse::<GlobalPosition>().ok())
+    };
+    let position = header(wire::POSITION)?;
+    Some(header(RESUME_AFTER).map_or(position, |after| after.max(position)))
+}
+
 /// The message for an event (all headers but the fencing one, which the publisher adds).
 fn encode(
     prefix: &str,
@@ -875,21 +1124,30 @@ fn encode(
     previous: GlobalPosition,
     previous_in_category: GlobalPosition,
 ) -> Outgoing {
-    let id = event.id.to_string();
+    let id = event
+        .id
+        .hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned();
+    // Static names: no validation or allocation per message.
+    let name = HeaderName::from_static;
     let mut headers = HeaderMap::new();
-    headers.insert(wire::MSG_ID, id.as_str());
-    headers.insert(wire::POSITION, event.global_position.to_string());
-    headers.insert(wire::STREAM_POSITION, event.position.to_string());
-    headers.insert(wire::STREAM, header_text(&event.stream_name));
-    headers.insert(wire::TYPE, header_text(&event.event_type));
-    headers.insert(wire::PREVIOUS, previous.to_string());
-    headers.insert(wire::PREVIOUS_IN_CATEGORY, previous_in_category.to_string());
+    headers.insert(name(wire::MSG_ID), id.as_str());
+    headers.insert(name(wire::POSITION), event.global_position.to_string());
+    headers.insert(name(wire::STREAM_POSITION), event.position.to_string());
+    headers.insert(name(wire::STREAM), header_text(&event.stream_name));
+    headers.insert(name(wire::TYPE), header_text(&event.event_type));
+    headers.insert(name(wire::PREVIOUS), previous.to_string());
+    headers.insert(
+        name(wire::PREVIOUS_IN_CATEGORY),
+        previous_in_category.to_string(),
+    );
     if let Some(traceparent) = wire::traceparent(event)
         && !traceparent.contains(['\r', '\n'])
     {
-        headers.insert(wire::TRACEPARENT, traceparent);
+        headers.insert(name(wire::TRACEPARENT), traceparent);
     }
-    let payload = serde_json::to_vec(&wire::Payload::from(event))
+    let payload = serde_json::to_vec(&PayloadRef::from(event))
         .expect("BUG: an event payload always serialises");
     Outgoing {
         position: event.global_position,
@@ -897,6 +1155,37 @@ fn encode(
         subject: wire::subject(prefix, &event.stream_name, &event.event_type),
         headers,
         payload,
+    }
+}
+
+/// [`wire::Payload`], borrowed: the same JSON without copying the event's data (a unit
+/// test holds the two byte for byte equal).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PayloadRef<'a> {
+    id: uuid::Uuid,
+    global_position: GlobalPosition,
+    position: i64,
+    time: chrono::DateTime<chrono::Utc>,
+    stream_name: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    data: &'a serde_json::Value,
+    metadata: Option<&'a serde_json::Value>,
+}
+
+impl<'a> From<&'a RecordedEvent> for PayloadRef<'a> {
+    fn from(e: &'a RecordedEvent) -> Self {
+        Self {
+            id: e.id,
+            global_position: e.global_position,
+            position: e.position,
+            time: e.time,
+            stream_name: &e.stream_name,
+            event_type: &e.event_type,
+            data: &e.data,
+            metadata: e.metadata.as_ref(),
+        }
     }
 }
 
@@ -960,6 +1249,16 @@ mod tests {
         assert_eq!(header(&out, wire::TRACEPARENT), Some("00-abc-def-01"));
         let payload: wire::Payload = serde_json::from_slice(&out.payload).expect("payload");
         assert_eq!(RecordedEvent::from(payload), e);
+        assert_eq!(
+            out.payload,
+            serde_json::to_vec(&wire::Payload::from(&e)).expect("payload"),
+            "the borrowed payload is byte for byte the wire payload"
+        );
+        let bare = event("plain", "T", None);
+        assert_eq!(
+            encode("p", &bare, 0, 0).payload,
+            serde_json::to_vec(&wire::Payload::from(&bare)).expect("payload")
+        );
     }
 
     #[test]

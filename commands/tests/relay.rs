@@ -2,7 +2,8 @@
 //! every event once, in order, with its headers; one leader at a time; fencing of a
 //! stale publisher; resume after restarts, purges, a deleted stream and an outage
 //! longer than the duplicate window. Each test has its own database, subject prefix
-//! and stream, and deletes the stream at the end.
+//! and stream, and deletes the stream at the end. `COLLOQUY_TEST_STREAM_REPLICAS`
+//! (default 1) runs them on replicated streams against a cluster.
 
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -93,6 +94,12 @@ impl Fixture {
         config.leader_poll = Duration::from_millis(100);
         config.check_interval = Duration::from_millis(100);
         config.max_backoff = Duration::from_millis(500);
+        // Against a cluster, e.g. COLLOQUY_TEST_STREAM_REPLICAS=3.
+        if let Ok(replicas) = std::env::var("COLLOQUY_TEST_STREAM_REPLICAS") {
+            config.replicas = replicas
+                .parse()
+                .expect("COLLOQUY_TEST_STREAM_REPLICAS is a number");
+        }
         adjust(&mut config);
         let guard = StreamGuard {
             stream: config.stream.clone(),
@@ -195,6 +202,18 @@ impl Fixture {
     /// Asserts the stream's relayed messages are exactly the log, once each, in order;
     /// returns how many other (foreign) messages it holds.
     async fn assert_each_event_once(&self, log: &[RecordedEvent]) -> usize {
+        let (foreign, republished) = self.assert_each_event_once_allowing_republished(log).await;
+        assert_eq!(republished, 0, "nothing was republished out of order");
+        foreign
+    }
+
+    /// As [`Self::assert_each_event_once`], except that events the relay republished
+    /// after a foreign write displaced them (marked `Colloquy-Resume-After`) may be out
+    /// of order; everything else is in position order. Returns (foreign, republished).
+    async fn assert_each_event_once_allowing_republished(
+        &self,
+        log: &[RecordedEvent],
+    ) -> (usize, usize) {
         let messages = self.messages().await;
         let relayed: Vec<&StreamMessage> = messages
             .iter()
@@ -205,8 +224,19 @@ impl Fixture {
         assert_eq!(unique.len(), ids.len(), "no event is published twice");
         let expected: Vec<String> = log.iter().map(|e| e.id.to_string()).collect();
         assert_eq!(ids.len(), expected.len(), "every event is published");
-        assert_eq!(ids, expected, "events are published in position order");
-        messages.len() - relayed.len()
+        let expected_set: HashSet<&String> = expected.iter().collect();
+        assert_eq!(unique, expected_set, "the stream holds exactly the log");
+        let in_order: Vec<GlobalPosition> = relayed
+            .iter()
+            .filter(|m| m.headers.get(relay::RESUME_AFTER).is_none())
+            .map(|m| header(m, wire::POSITION).parse().unwrap())
+            .collect();
+        assert!(
+            in_order.windows(2).all(|w| w[0] < w[1]),
+            "events are published in position order: {in_order:?}"
+        );
+        let republished = relayed.len() - in_order.len();
+        (messages.len() - relayed.len(), republished)
     }
 }
 
@@ -551,7 +581,9 @@ async fn a_restart_after_the_duplicate_window_publishes_no_duplicate() {
 
 /// A foreign message lands in the stream while the relay believes it knows the last
 /// sequence: its next publishes are refused, it resumes from what the stream holds,
-/// and every event still appears once, with no gap.
+/// and every event still appears once, with no gap. (With many publishes in flight, one
+/// after the refused one can still land, displacing the refused event: the relay finds
+/// and republishes it, marked, out of position order.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stale_relay_is_fenced_and_resumes() {
     let f = Fixture::new().await;
@@ -574,7 +606,11 @@ async fn a_stale_relay_is_fenced_and_resumes() {
     f.wait_for_count(221).await;
     assert!(relay.stats.fenced() > fenced, "the relay was fenced");
     relay.stop().await;
-    assert_eq!(f.assert_each_event_once(&f.log().await).await, 1);
+    let (foreign, republished) = f
+        .assert_each_event_once_allowing_republished(&f.log().await)
+        .await;
+    assert_eq!(foreign, 1);
+    eprintln!("republished {republished} displaced event(s)");
 }
 
 /// The stream is purged under a running relay: it keeps publishing new events; a relay
@@ -611,6 +647,45 @@ async fn a_purged_stream_keeps_receiving_new_events() {
     assert_eq!(f.assert_each_event_once(after_purge).await, 0);
 }
 
+/// After a crash the checkpoint can lag behind the stream. If the stream is then
+/// purged, the relay resumes from the lagging checkpoint: the events JetStream's
+/// duplicate window still remembers come back as duplicates and are skipped one round
+/// trip each (not one resume each), and only new events are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purge_after_a_lagging_checkpoint_stores_only_new_events() {
+    let f = Fixture::new().await;
+    let names = streams(3);
+    let relay = f.spawn();
+    f.append_events(100, &names, 10).await;
+    f.wait_caught_up(&relay.stats).await;
+    relay.stop().await;
+    let log = f.log().await;
+    // As if the relay had crashed before recording the last 60.
+    sqlx::query("UPDATE colloquy.relay_checkpoint SET position = $2 WHERE stream = $1")
+        .bind(&f.config.stream)
+        .bind(log[39].global_position)
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+    f.js.get_stream(&f.config.stream)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+
+    let relay = f.spawn();
+    f.append_events(10, &names, 10).await;
+    f.wait_caught_up(&relay.stats).await;
+    f.wait_for_count(10).await;
+    assert_eq!(relay.stats.published(), 10);
+    assert_eq!(relay.stats.resumes(), 1, "duplicates did not force resumes");
+    relay.stop().await;
+    let log = f.log().await;
+    assert_eq!(f.assert_each_event_once(&log[100..]).await, 0);
+    assert_eq!(f.checkpoint().await, Some(f.head().await));
+}
+
 /// The stream is deleted under a running relay: the relay recreates it and continues
 /// from its checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -634,8 +709,26 @@ async fn a_deleted_stream_is_recreated_and_continued() {
     assert_eq!(f.assert_each_event_once(&log[30..]).await, 0);
 }
 
-/// Rough throughput: 20,000 events already in the log, one relay, time until the stream
-/// holds them all. Run in release for a meaningful figure:
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ensure_stream_creates_then_updates_the_stream() {
+    let f = Fixture::new().await;
+    let info = relay::ensure_stream(&f.js, &f.config).await.unwrap();
+    assert_eq!(info.config.subjects, [format!("{}.ev.>", f.config.prefix)]);
+    assert_eq!(info.config.storage, jetstream::stream::StorageType::File);
+    assert_eq!(info.config.duplicate_window, f.config.duplicate_window);
+    assert_eq!(info.config.max_age, Duration::ZERO);
+    let changed = RelayConfig {
+        duplicate_window: Duration::from_secs(30),
+        ..f.config.clone()
+    };
+    let info = relay::ensure_stream(&f.js, &changed).await.unwrap();
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(30));
+    let again = relay::ensure_stream(&f.js, &changed).await.unwrap();
+    assert_eq!(again.config, info.config);
+}
+
+/// Rough throughput: 20,000 events already in the log, one relay, time until all are
+/// acknowledged by the stream. Run in release for a meaningful figure:
 /// `cargo nextest run --release -p colloquy-commands -E 'test(throughput)' --no-capture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn throughput_of_one_relay() {
@@ -644,23 +737,19 @@ async fn throughput_of_one_relay() {
     let names = streams(50);
     f.append_events(N as usize, &names, 1_000).await;
     let started = Instant::now();
-    let mut config = f.config.clone();
-    if let Ok(v) = std::env::var("XX_IN_FLIGHT") {
-        config.max_in_flight = v.parse().unwrap();
-    }
-    if let Ok(v) = std::env::var("XX_BATCH") {
-        config.read_batch = v.parse().unwrap();
-    }
-    let relay = f.spawn_with(config);
-    let mut held = 0;
-    while held < N {
-        assert!(started.elapsed() < WAIT, "timed out at {held} of {N}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        held = f.stream_state().await.messages;
+    let relay = f.spawn();
+    // Polls the relay's own counter, so measuring adds no load on the server.
+    while relay.stats.published() < N {
+        assert!(
+            started.elapsed() < WAIT,
+            "timed out at {} of {N}",
+            relay.stats.published()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
     relay.stop().await;
-    assert_eq!(held, N);
+    assert_eq!(f.stream_state().await.messages, N);
     #[expect(clippy::cast_precision_loss, reason = "a rough rate")]
     let rate = N as f64 / elapsed.as_secs_f64();
     eprintln!("relay throughput: {N} events in {elapsed:.2?} = {rate:.0} events/s");
