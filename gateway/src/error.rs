@@ -417,23 +417,32 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !is_json(request.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::PayloadTooLarge
-                } else {
-                    ApiError::BadRequest {
-                        code: "unreadable_body",
-                        detail: "the request body could not be read".to_owned(),
-                    }
-                }
-            })?;
+        let bytes = json_body_bytes(request, state).await?;
         parse_json(&bytes).map(Self)
     }
+}
+
+/// The raw body of a JSON request: 415 unless the content type is JSON, 413 when too
+/// large, 400 when unreadable. Shared by every JSON body extractor.
+pub(crate) async fn json_body_bytes<S: Send + Sync>(
+    request: Request,
+    state: &S,
+) -> Result<Bytes, ApiError> {
+    if !is_json(request.headers()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest {
+                    code: "unreadable_body",
+                    detail: "the request body could not be read".to_owned(),
+                }
+            }
+        })
 }
 
 /// `application/json` or any `application/*+json`, parameters (charset) ignored.

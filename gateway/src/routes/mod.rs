@@ -19,7 +19,6 @@ mod search;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -37,7 +36,7 @@ use uuid::Uuid;
 
 use crate::GatewayState;
 use crate::auth::AuthUser;
-use crate::error::{ApiError, is_json, parse_json};
+use crate::error::{ApiError, parse_json};
 
 /// The header every command response carries: the global position of its last event.
 pub const POSITION_HEADER: &str = "x-colloquy-position";
@@ -180,24 +179,10 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !is_json(request.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let headers = request.headers().clone();
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::PayloadTooLarge
-                } else {
-                    ApiError::BadRequest {
-                        code: "unreadable_body",
-                        detail: "the request body could not be read".to_owned(),
-                    }
-                }
-            })?;
+        let bytes = crate::error::json_body_bytes(request, state).await?;
         let idempotency = Idempotency::read(&headers, &method, &path, &bytes)?;
         let body = parse_json(&bytes)?;
         Ok(Self { body, idempotency })
