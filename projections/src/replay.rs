@@ -155,16 +155,7 @@ pub async fn verify(
     )))
     .fetch_one(&mut *tx)
     .await?;
-    let mut position = read_checkpoint(pool, &scratch).await?;
-    while position < live_position {
-        let mut events = store.read_log(&LogFilter::All, position, BATCH).await?;
-        events.retain(|e| e.global_position <= live_position);
-        let Some(last) = events.last().map(|e| e.global_position) else {
-            break;
-        };
-        apply_batch(pool, projection, &scratch, &events).await?;
-        position = last;
-    }
+    fill(pool, store, projection, &scratch, live_position, progress).await?;
     let mut differences = Vec::new();
     for (table, key) in projection.tables() {
         let rows = sqlx::query(AssertSqlSafe(format!(

@@ -64,10 +64,7 @@ pub async fn apply_batch(
 
 /// Points unqualified table names at `schema` for the rest of the transaction.
 pub(crate) async fn set_schema(conn: &mut sqlx::PgConnection, schema: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        schema.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-        "BUG: schema names are lowercase identifiers"
-    );
+    check_schema(schema)?;
     sqlx::query(AssertSqlSafe(format!(
         "SET LOCAL search_path TO \"{schema}\", public"
     )))
@@ -76,12 +73,19 @@ pub(crate) async fn set_schema(conn: &mut sqlx::PgConnection, schema: &str) -> a
     Ok(())
 }
 
-/// A projection's checkpoint in `schema`.
-pub async fn read_checkpoint(pool: &PgPool, schema: &str) -> anyhow::Result<GlobalPosition> {
+/// Schema names are spliced into SQL, so they must be plain lowercase identifiers
+/// (they come from the code, never from input).
+fn check_schema(schema: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         schema.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
         "BUG: schema names are lowercase identifiers"
     );
+    Ok(())
+}
+
+/// A projection's checkpoint in `schema`.
+pub async fn read_checkpoint(pool: &PgPool, schema: &str) -> anyhow::Result<GlobalPosition> {
+    check_schema(schema)?;
     Ok(sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT position FROM \"{schema}\".checkpoint"
     )))
