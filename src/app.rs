@@ -15,7 +15,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
 use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
-use colloquy_gateway::{GatewayState, Probe, ProbeResult};
+use colloquy_gateway::{GatewayState, LiveHub, LiveSettings, Probe, ProbeResult};
 use colloquy_projections::jetstream::FanOut;
 use colloquy_projections::{Runner, all_projections};
 use secrecy::ExposeSecret;
@@ -53,6 +53,7 @@ pub struct Application {
     pool: PgPool,
     store: PgEventStore,
     nats: async_nats::Client,
+    live: LiveHub,
 }
 
 impl Application {
@@ -121,11 +122,22 @@ impl Application {
             Arc::new(store.clone()),
             colloquy_commands::cache::CacheConfig::default(),
         );
+        let live = LiveHub::new(
+            commands.clone(),
+            Some(nats.clone()),
+            LiveSettings {
+                prefix: config.settings.subject_prefix.clone(),
+                buffer: config.settings.sse_buffer,
+                max_streams_per_user: config.settings.sse_max_streams_per_user,
+                ..LiveSettings::default()
+            },
+        );
         let router = colloquy_gateway::router(GatewayState {
             probes: Arc::new(probes),
             auth,
             commands,
             pool: pool.clone(),
+            live: live.clone(),
         });
         Ok(Self {
             listener,
@@ -135,6 +147,7 @@ impl Application {
             pool,
             store,
             nats,
+            live,
         })
     }
 
@@ -156,6 +169,9 @@ impl Application {
     /// Starts the background roles.
     async fn start_roles(&self, shutdown: &CancellationToken) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
+        if self.roles.contains(&Role::Gateway) {
+            tasks.push(tokio::spawn(self.live.clone().run(shutdown.clone())));
+        }
         let jetstream = async_nats::jetstream::new(self.nats.clone());
         let relay_config = self.relay_config();
         if self.roles.contains(&Role::Relay) || self.roles.contains(&Role::Projector) {

@@ -33,6 +33,8 @@ pub const KEYS: &[&str] = &[
     "COLLOQUY_SUBJECT_PREFIX",
     "COLLOQUY_PROJECTION_LAG_BUDGET",
     "COLLOQUY_SHUTDOWN_GRACE",
+    "COLLOQUY_SSE_MAX_STREAMS_PER_USER",
+    "COLLOQUY_SSE_BUFFER",
     "GEMINI_API_KEYS",
     "GEMINI_API_KEYS_FILE",
     "GEMINI_BASE_URL",
@@ -101,6 +103,13 @@ pub struct Settings {
     /// How long shutdown waits for in-flight work, e.g. `10s`.
     #[serde(rename = "COLLOQUY_SHUTDOWN_GRACE")]
     pub shutdown_grace: String,
+    /// Concurrent SSE streams one user may hold on one gateway (429 above it).
+    #[serde(rename = "COLLOQUY_SSE_MAX_STREAMS_PER_USER")]
+    pub sse_max_streams_per_user: usize,
+    /// Events the live feed holds for slow SSE clients; one further behind is told to
+    /// reconnect and resume.
+    #[serde(rename = "COLLOQUY_SSE_BUFFER")]
+    pub sse_buffer: usize,
     /// `label=key@project,…`
     #[serde(rename = "GEMINI_API_KEYS", default, serialize_with = "ser_keys_opt")]
     pub gemini_api_keys: Option<SecretString>,
@@ -150,6 +159,8 @@ impl Default for Settings {
             subject_prefix: "colloquy".into(),
             projection_lag_budget: "5s".into(),
             shutdown_grace: "10s".into(),
+            sse_max_streams_per_user: 16,
+            sse_buffer: 4096,
             gemini_api_keys: None,
             gemini_api_keys_file: None,
             gemini_base_url: "https://generativelanguage.googleapis.com".into(),
@@ -259,6 +270,12 @@ impl Settings {
         }
         if !(1..=5).contains(&self.stream_replicas) {
             bail!("COLLOQUY_STREAM_REPLICAS must be between 1 and 5");
+        }
+        if self.sse_max_streams_per_user == 0 {
+            bail!("COLLOQUY_SSE_MAX_STREAMS_PER_USER must be at least 1");
+        }
+        if !(16..=1_000_000).contains(&self.sse_buffer) {
+            bail!("COLLOQUY_SSE_BUFFER must be between 16 and 1000000 events");
         }
         if self.subject_prefix.is_empty()
             || self

@@ -16,7 +16,7 @@ pub mod replay;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use app::Application;
+pub use app::{Application, Role};
 pub use config::{Config, Settings};
 
 /// Installs rustls' process-wide crypto provider (ring, the one NATS uses too), which

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod codec;
 pub mod context;
 pub mod handler;
+pub mod live;
 pub mod relay;
 
 pub use context::{Causation, Context, Idempotency};

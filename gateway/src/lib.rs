@@ -6,11 +6,13 @@
 //!   with detail).
 //! - [`auth`]: `/v1/auth/…` (register, login, refresh, logout), `/v1/me`, and the
 //!   [`AuthUser`] extractor for every `/v1` route.
+//! - [`live`]: the SSE streams, fed by one [`LiveHub`] per process.
 //! - [`error`]: [`ApiError`] (problem+json) and the [`ApiJson`] body extractor.
 
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod live;
 pub mod routes;
 
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 pub use auth::{AuthState, AuthUser};
 pub use error::{ApiError, ApiJson};
 pub use health::{Probe, ProbeResult};
+pub use live::{LiveHub, LiveSettings};
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
@@ -33,6 +36,8 @@ pub struct GatewayState {
     pub commands: colloquy_commands::Commands,
     /// The read models (queries and position waits).
     pub pool: sqlx::PgPool,
+    /// The live feed (SSE).
+    pub live: LiveHub,
 }
 
 /// The whole HTTP surface.
@@ -44,6 +49,7 @@ pub fn router(state: GatewayState) -> Router {
         .merge(health::routes())
         .merge(auth::routes(&state.auth))
         .merge(routes::routes())
+        .merge(live::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)

@@ -88,6 +88,19 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the application after `tweak` adjusts its settings.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn(tweak, colloquy::app::all_roles()).await
+}
+
+/// Starts the application running only `roles`.
+#[allow(dead_code, reason = "not every test module uses it")]
+pub async fn spawn_app_with_roles(roles: std::collections::BTreeSet<colloquy::Role>) -> TestApp {
+    spawn(|_| {}, roles).await
+}
+
+async fn spawn(
+    tweak: impl FnOnce(&mut Settings),
+    roles: std::collections::BTreeSet<colloquy::Role>,
+) -> TestApp {
     telemetry::init_for_tests();
     colloquy::install_crypto_provider();
     let db = TestDatabase::new().await;
@@ -96,7 +109,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     tweak(&mut settings);
     let config = settings.validate().expect("test settings are valid");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = Application::build(config, Some(listener))
+    let app = Application::build_with_roles(config, Some(listener), roles)
         .await
         .expect("the application builds");
     let addr = app.local_addr();
@@ -163,5 +176,168 @@ impl TestApp {
         self.client
             .request(method, self.url(path))
             .bearer_auth(&user.token)
+    }
+}
+
+impl TestApp {
+    /// Creates a conversation for `user`; returns its id.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn create_conversation(&self, user: &TestUser) -> String {
+        let response = self
+            .request(reqwest::Method::POST, "/v1/conversations", user)
+            .json(&serde_json::json!({ "title": "live" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "create a conversation");
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends `text` in `conversation` (with `extra` merged into the body); returns the
+    /// command's body (`message_id`, `position`, …).
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn send_message(
+        &self,
+        user: &TestUser,
+        conversation: &str,
+        text: &str,
+        run_agent: bool,
+    ) -> serde_json::Value {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/conversations/{conversation}/messages"),
+                user,
+            )
+            .json(&serde_json::json!({ "text": text, "run_agent": run_agent }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "send a message");
+        response.json().await.unwrap()
+    }
+
+    /// Opens an SSE stream at `path` (after `last_event_id`, if given).
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn sse(
+        &self,
+        path: &str,
+        user: &TestUser,
+        last_event_id: Option<i64>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .request(reqwest::Method::GET, path, user)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        request.send().await.unwrap()
+    }
+}
+
+/// One parsed server-sent event.
+#[derive(Debug, Default, Clone)]
+#[allow(dead_code, reason = "not every test reads every field")]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+    pub comments: Vec<String>,
+}
+
+impl SseEvent {
+    /// `id:` as a global position.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub fn position(&self) -> i64 {
+        self.id.as_deref().unwrap().parse().unwrap()
+    }
+
+    /// `data:` as JSON.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap()
+    }
+}
+
+/// A reader of an SSE response body.
+#[allow(dead_code, reason = "not every test module uses it")]
+pub struct SseReader {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl std::fmt::Debug for SseReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseReader").finish_non_exhaustive()
+    }
+}
+
+#[allow(dead_code, reason = "not every test module uses it")]
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200, "an SSE stream opens");
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event that is not a bare heartbeat comment; `None` when the server
+    /// ended the stream. Panics if nothing arrives within 20 s.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use futures::StreamExt as _;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "" => event.comments.push(value.to_owned()),
+                        "id" => event.id = Some(value.to_owned()),
+                        "event" => event.event = Some(value.to_owned()),
+                        "data" => data.push(value.to_owned()),
+                        "retry" => event.retry = value.parse().ok(),
+                        _ => {}
+                    }
+                }
+                event.data = data.join("\n");
+                if event.id.is_none()
+                    && event.event.is_none()
+                    && data.is_empty()
+                    && event.retry.is_none()
+                {
+                    continue;
+                }
+                return Some(event);
+            }
+            let chunk = tokio::time::timeout(std::time::Duration::from_secs(20), self.body.next())
+                .await
+                .expect("an SSE event within 20 s");
+            match chunk {
+                Some(chunk) => self
+                    .buffer
+                    .push_str(std::str::from_utf8(&chunk.unwrap()).unwrap()),
+                None => return None,
+            }
+        }
+    }
+
+    /// The next event of type `event` (others are skipped).
+    pub async fn next_of(&mut self, event: &str) -> SseEvent {
+        loop {
+            let next = self.next().await.expect("the stream goes on");
+            if next.event.as_deref() == Some(event) {
+                return next;
+            }
+        }
     }
 }

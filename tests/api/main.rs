@@ -10,4 +10,5 @@ mod conversations;
 mod fanout;
 mod health;
 mod helpers;
+mod live;
 mod message_db;

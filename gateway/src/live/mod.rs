@@ -1,0 +1,389 @@
+//! The live feed: server-sent events (api.md, "Live").
+//!
+//! - `GET /v1/conversations/{id}/events`: the conversation's events from the moment
+//!   of subscription, or after `Last-Event-ID`.
+//! - `GET /v1/runs/{run_id}/events`: the run's events (from its start, or after
+//!   `Last-Event-ID`), `token` deltas and `reset` signals while the agent writes, and
+//!   a final `completed` / `failed` / `cancelled` (with the reply text), after which
+//!   the stream ends.
+//! - `GET /v1/events`: everything in the caller's conversations and runs.
+//!
+//! Durable events carry `id:` = global position, `event:` = the event type and
+//! `data:` = the event's JSON with `conversationId` (and `runId`) added. A resumed
+//! stream first reads the log after `Last-Event-ID` up to where the [`LiveHub`] was
+//! when the client subscribed, then continues from the hub, skipping what it already
+//! sent: no gap, no duplicate. Heartbeat comments keep proxies from closing idle
+//! streams. A client that falls further behind than the hub's ring, and every stream
+//! at shutdown, ends with a `retry:` hint so that the browser reconnects (and resumes).
+
+mod hub;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use colloquy_commands::live::{RunSignal, run_subject};
+use colloquy_domain::{ConversationId, RunId, UserId};
+use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use uuid::Uuid;
+
+pub use hub::{LiveEvent, LiveHub, LiveSettings, StreamSlot};
+
+use crate::GatewayState;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::routes::{parse_id, user_id};
+
+/// How many log events a resume reads at a time.
+const CATCH_UP_BATCH: usize = 500;
+
+/// The routes of this module.
+pub(crate) fn routes() -> Router<GatewayState> {
+    Router::new()
+        .route("/v1/conversations/{id}/events", get(conversation_events))
+        .route("/v1/runs/{run_id}/events", get(run_events))
+        .route("/v1/events", get(user_events))
+}
+
+/// What one stream shows.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    Conversation(Uuid),
+    Run { run: Uuid, conversation: Uuid },
+    User(UserId),
+}
+
+impl Scope {
+    fn matches(&self, event: &LiveEvent) -> bool {
+        match *self {
+            Self::Conversation(id) => event.conversation_id == Some(id) && event.run_id.is_none(),
+            Self::Run { run, .. } => event.run_id == Some(run),
+            Self::User(user) => event.owner == Some(user),
+        }
+    }
+}
+
+/// `GET /v1/conversations/{id}/events`.
+async fn conversation_events(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let loaded = state
+        .commands
+        .load_conversation(ConversationId::from_uuid(id))
+        .await?;
+    match loaded.state {
+        Some(conversation) if conversation.owner() == user_id(user) => {}
+        _ => return Err(ApiError::NotFound),
+    }
+    let after = last_event_id(&headers)?;
+    open(&state.live, user, Scope::Conversation(id), after).await
+}
+
+/// `GET /v1/runs/{run_id}/events`.
+async fn run_events(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    Path(run_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let run = parse_id(&run_id)?;
+    let Some(conversation) = state.live.run_conversation(run).await else {
+        return Err(ApiError::NotFound);
+    };
+    if state.live.owner(conversation).await != Some(user_id(user)) {
+        return Err(ApiError::NotFound);
+    }
+    // A run's history is short: without `Last-Event-ID` it is replayed from the start,
+    // so a client that subscribes after requesting the run misses nothing.
+    let after = last_event_id(&headers)?.or(Some(0));
+    open(&state.live, user, Scope::Run { run, conversation }, after).await
+}
+
+/// `GET /v1/events`.
+async fn user_events(
+    State(state): State<GatewayState>,
+    user: AuthUser,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = last_event_id(&headers)?;
+    open(&state.live, user, Scope::User(user_id(user)), after).await
+}
+
+/// `Last-Event-ID`, if sent: a global position.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<GlobalPosition>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<GlobalPosition>().ok())
+        .filter(|p| *p >= 0)
+        .map(Some)
+        .ok_or_else(|| ApiError::BadRequest {
+            code: "invalid_last_event_id",
+            detail: "Last-Event-ID must be a global position (a non-negative integer)".into(),
+        })
+}
+
+async fn open(
+    hub: &LiveHub,
+    user: AuthUser,
+    scope: Scope,
+    after: Option<GlobalPosition>,
+) -> Result<Response, ApiError> {
+    let Some(slot) = hub.acquire_slot(user_id(user)) else {
+        return Err(ApiError::RateLimited {
+            retry_after: hub.settings().retry_hint,
+        });
+    };
+    // Subscribe before reading anything: whatever the hub passes on from here is in
+    // the receiver, and what it passed on before is in the log.
+    let rx = hub.subscribe();
+    let tokens = match (scope, hub.nats()) {
+        (Scope::Run { run, .. }, Some(nats)) => {
+            match nats
+                .subscribe(run_subject(&hub.settings().prefix, run))
+                .await
+            {
+                Ok(subscriber) => Some(subscriber),
+                Err(error) => {
+                    // Tokens are a nicety: the durable events still arrive.
+                    tracing::warn!(error = %error, "live: cannot subscribe to run tokens");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let until = hub.position();
+    let catch_up = after.filter(|a| *a < until).map(|a| (a, until));
+    let feed = Feed {
+        hub: hub.clone(),
+        scope,
+        rx,
+        tokens,
+        backlog: VecDeque::new(),
+        catch_up,
+        seen: after.unwrap_or(until),
+        finished: false,
+        _slot: slot,
+    };
+    let stream = futures::stream::unfold(feed, |mut feed| async move {
+        let event = feed.next().await?;
+        Some((Ok::<_, Infallible>(event), feed))
+    });
+    let keep_alive = KeepAlive::new().interval(hub.settings().heartbeat);
+    let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
+    // Ask buffering proxies (nginx) to pass events on as they come.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// One client's stream: a resume from the log, then the hub.
+struct Feed {
+    hub: LiveHub,
+    scope: Scope,
+    rx: tokio::sync::broadcast::Receiver<Arc<LiveEvent>>,
+    tokens: Option<async_nats::Subscriber>,
+    /// Events read from the log, not yet sent.
+    backlog: VecDeque<Arc<LiveEvent>>,
+    /// `(after, until)`: the log range still to read.
+    catch_up: Option<(GlobalPosition, GlobalPosition)>,
+    /// Everything at or below this was sent or does not concern this client.
+    seen: GlobalPosition,
+    finished: bool,
+    _slot: StreamSlot,
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            if let Some(event) = self.backlog.pop_front() {
+                if event.position <= self.seen {
+                    continue;
+                }
+                self.seen = event.position;
+                if let Some(rendered) = self.render(&event).await {
+                    return Some(rendered);
+                }
+                continue;
+            }
+            if let Some((after, until)) = self.catch_up {
+                match self.read_log(after, until).await {
+                    Ok(next) => self.catch_up = next,
+                    Err(()) => return Some(self.end("the log cannot be read; reconnect")),
+                }
+                continue;
+            }
+            let closed = self.hub.closed().clone();
+            tokio::select! {
+                biased;
+                () = closed.cancelled() => return Some(self.end("the server is shutting down")),
+                received = self.rx.recv() => match received {
+                    Ok(event) => {
+                        if event.position > self.seen && self.scope.matches(&event) {
+                            self.backlog.push_back(event);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        return Some(self.end("this client fell behind; resume with Last-Event-ID"));
+                    }
+                    Err(RecvError::Closed) => return Some(self.end("the feed closed")),
+                },
+                Some(message) = next_token(&mut self.tokens) => {
+                    if let Some(event) = token_event(&message.payload) {
+                        return Some(event);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads one batch of the log range; the rest of the range, if any.
+    async fn read_log(
+        &mut self,
+        after: GlobalPosition,
+        until: GlobalPosition,
+    ) -> Result<Option<(GlobalPosition, GlobalPosition)>, ()> {
+        let store = self.hub.commands().store().clone();
+        let (events, full): (Vec<RecordedEvent>, bool) = match self.scope {
+            Scope::Run { run, .. } => {
+                // Short: read the whole stream once.
+                let events = store
+                    .read_stream(&RunId::from_uuid(run).stream_name(), 0, 10_000)
+                    .await
+                    .map_err(|error| tracing::warn!(error = %error, "live: resume failed"))?;
+                (events, false)
+            }
+            Scope::Conversation(_) | Scope::User(_) => {
+                let filter = match self.scope {
+                    Scope::Conversation(_) => LogFilter::Category("conversation".into()),
+                    _ => LogFilter::All,
+                };
+                let events = store
+                    .read_log(&filter, after, CATCH_UP_BATCH)
+                    .await
+                    .map_err(|error| tracing::warn!(error = %error, "live: resume failed"))?;
+                let full = events.len() == CATCH_UP_BATCH;
+                (events, full)
+            }
+        };
+        let mut last = after;
+        for event in events {
+            let position = event.global_position;
+            if position <= after {
+                continue;
+            }
+            if position > until {
+                return Ok(None);
+            }
+            last = position;
+            let live = self.hub.annotate(event).await;
+            if self.scope.matches(&live) {
+                self.backlog.push_back(Arc::new(live));
+            }
+        }
+        Ok((full && last < until).then_some((last, until)))
+    }
+
+    /// The SSE event for a log event; for a run's last event, the final outcome.
+    async fn render(&mut self, event: &LiveEvent) -> Option<Event> {
+        let base = Event::default().id(event.position.to_string());
+        if let Scope::Run { conversation, .. } = self.scope {
+            let outcome = match event.event_type.as_str() {
+                "RunCompleted" => Some("completed"),
+                "RunFailed" => Some("failed"),
+                "RunCancelled" => Some("cancelled"),
+                _ => None,
+            };
+            if let Some(outcome) = outcome {
+                self.finished = true;
+                let mut data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                if outcome == "completed"
+                    && let Some(reply) = data.get("replyMessageId").and_then(Value::as_str)
+                {
+                    let text = self.reply_text(conversation, reply).await;
+                    if let (Value::Object(object), Some(text)) = (&mut data, text) {
+                        object.insert("text".into(), Value::String(text));
+                    }
+                }
+                return Some(base.event(outcome).data(data.to_string()));
+            }
+        }
+        Some(base.event(&event.event_type).data(&event.data))
+    }
+
+    /// The text of the reply `message_id` (written with the completion).
+    async fn reply_text(&self, conversation: Uuid, message_id: &str) -> Option<String> {
+        let stream = ConversationId::from_uuid(conversation).stream_name();
+        let events = self
+            .hub
+            .commands()
+            .store()
+            .read_stream_backward(&stream, None, 50)
+            .await
+            .ok()?;
+        events
+            .into_iter()
+            .find(|e| {
+                e.event_type == "MessageSent"
+                    && e.data.get("messageId").and_then(Value::as_str) == Some(message_id)
+            })
+            .and_then(|e| {
+                e.data
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+    }
+
+    /// The last event of a stream the server ends: a reconnect hint.
+    fn end(&mut self, why: &str) -> Event {
+        self.finished = true;
+        Event::default()
+            .retry(self.hub.settings().retry_hint)
+            .comment(why)
+    }
+}
+
+async fn next_token(tokens: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match tokens {
+        Some(subscriber) => subscriber.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `event: token` / `event: reset` (no `id:`: not replayed).
+fn token_event(payload: &[u8]) -> Option<Event> {
+    match serde_json::from_slice::<RunSignal>(payload).ok()? {
+        RunSignal::Token { attempt, text } => Some(
+            Event::default()
+                .event("token")
+                .data(json!({ "attempt": attempt, "text": text }).to_string()),
+        ),
+        RunSignal::Reset { attempt } => Some(
+            Event::default()
+                .event("reset")
+                .data(json!({ "attempt": attempt }).to_string()),
+        ),
+    }
+}
