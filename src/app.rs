@@ -14,8 +14,17 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
+use colloquy_domain::RunId;
 use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
 use colloquy_gateway::{GatewayState, LiveHub, LiveSettings, Probe, ProbeResult};
+use colloquy_gemini_agent::backoff::RetrySchedule;
+use colloquy_gemini_agent::budget::{
+    BudgetStore, KvBudgetConfig, KvBudgetStore, MemoryBudgetStore,
+};
+use colloquy_gemini_agent::clock::SystemClock;
+use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig};
+use colloquy_gemini_agent::keys::KeyPool;
+use colloquy_gemini_agent::worker::{Agent, AgentSettings, DueRuns};
 use colloquy_projections::jetstream::FanOut;
 use colloquy_projections::{Runner, all_projections};
 use secrecy::ExposeSecret;
@@ -207,7 +216,72 @@ impl Application {
                 }));
             }
         }
+        if self.roles.contains(&Role::Agent) {
+            match self.agent(&jetstream).await {
+                Ok(agent) => {
+                    let due: Arc<dyn DueRuns> = Arc::new(PgDueRuns(self.pool.clone()));
+                    tasks.push(tokio::spawn(agent.run(Some(due), shutdown.clone())));
+                }
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "the agent cannot start");
+                }
+            }
+        }
         tasks
+    }
+
+    /// The agent role: the Gemini client, the key pool (budgets shared through a
+    /// JetStream key-value bucket, or in memory where the server cannot hold one).
+    async fn agent(&self, jetstream: &async_nats::jetstream::Context) -> anyhow::Result<Agent> {
+        let settings = &self.config.settings;
+        let client = GeminiClient::new(GeminiConfig {
+            base_url: settings.gemini_base_url.clone(),
+            proxy: settings.https_proxy.clone(),
+            ..GeminiConfig::default()
+        })
+        .context("GEMINI_BASE_URL / HTTPS_PROXY")?;
+        let pool_config = self.config.gemini_pool.clone();
+        let pool = if pool_config.keys.is_empty() {
+            tracing::warn!("no Gemini API keys configured: runs will fail saying so");
+            None
+        } else {
+            let bucket = format!("{}_budgets", settings.stream);
+            let store: Arc<dyn BudgetStore> = match KvBudgetStore::open(
+                jetstream,
+                KvBudgetConfig::new(bucket, settings.subject_prefix.clone()),
+            )
+            .await
+            {
+                Ok(store) => Arc::new(store),
+                Err(error) => {
+                    tracing::warn!(error = %error, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
+                    Arc::new(MemoryBudgetStore::new())
+                }
+            };
+            Some(Arc::new(KeyPool::new(
+                pool_config,
+                store,
+                Arc::new(SystemClock),
+            )?))
+        };
+        let commands = colloquy_commands::Commands::new(
+            Arc::new(self.store.clone()),
+            colloquy_commands::cache::CacheConfig::default(),
+        );
+        Ok(Agent::new(
+            commands,
+            client,
+            pool,
+            self.nats.clone(),
+            AgentSettings {
+                prefix: settings.subject_prefix.clone(),
+                stream: settings.stream.clone(),
+                concurrency: settings.agent_concurrency,
+                default_model: settings.gemini_model.clone(),
+                retry_delays: RetrySchedule::new(self.config.retry_delays.clone()),
+                ..AgentSettings::default()
+            },
+        ))
     }
 
     /// Serves until `shutdown` is cancelled, then drains in-flight requests and
@@ -249,6 +323,33 @@ impl Application {
         }
         self.pool.close().await;
         Ok(())
+    }
+}
+
+/// The runs the agent's sweep looks at, from the runs read model.
+#[derive(Debug)]
+struct PgDueRuns(PgPool);
+
+#[async_trait]
+impl DueRuns for PgDueRuns {
+    async fn due(
+        &self,
+        lost_after: Duration,
+        stale_after: Duration,
+    ) -> Result<Vec<RunId>, Box<dyn std::error::Error + Send + Sync>> {
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM rm_runs.runs
+             WHERE (status = 'retrying' AND not_before <= now())
+                OR (status = 'queued' AND created_at < now() - make_interval(secs => $1))
+                OR (status = 'running' AND started_at < now() - make_interval(secs => $2))
+             ORDER BY not_before NULLS FIRST
+             LIMIT 100",
+        )
+        .bind(lost_after.as_secs_f64())
+        .bind(stale_after.as_secs_f64())
+        .fetch_all(&self.0)
+        .await?;
+        Ok(ids.into_iter().map(RunId::from_uuid).collect())
     }
 }
 

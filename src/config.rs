@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use colloquy_gemini_agent::keys::{KeysFile, PoolConfig, parse_key_list};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
@@ -193,16 +194,9 @@ pub struct Config {
     pub projection_lag_budget: Duration,
     pub shutdown_grace: Duration,
     pub retry_delays: Vec<Duration>,
-    pub gemini_keys: Vec<GeminiKey>,
+    /// The Gemini key pool: keys by project, budgets.
+    pub gemini_pool: PoolConfig,
     pub cors_origins: Vec<String>,
-}
-
-/// One Gemini API key of the pool.
-#[derive(Debug, Clone)]
-pub struct GeminiKey {
-    pub label: String,
-    pub key: SecretString,
-    pub project: String,
 }
 
 impl Settings {
@@ -301,15 +295,7 @@ impl Settings {
             .split(',')
             .map(|d| duration("COLLOQUY_RETRY_DELAYS", d))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut gemini_keys = Vec::new();
-        if let Some(keys) = &self.gemini_api_keys {
-            gemini_keys.extend(parse_keys("GEMINI_API_KEYS", keys.expose_secret())?);
-        }
-        if let Some(file) = &self.gemini_api_keys_file {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("GEMINI_API_KEYS_FILE: cannot read {}", file.display()))?;
-            gemini_keys.extend(parse_keys("GEMINI_API_KEYS_FILE", &text)?);
-        }
+        let gemini_pool = self.gemini_pool()?;
         url::parse("GEMINI_BASE_URL", &self.gemini_base_url)?;
         if let Some(proxy) = &self.https_proxy {
             url::parse("HTTPS_PROXY", proxy)?;
@@ -331,10 +317,38 @@ impl Settings {
             projection_lag_budget,
             shutdown_grace,
             retry_delays,
-            gemini_keys,
+            gemini_pool,
             cors_origins,
             settings: self,
         })
+    }
+
+    /// The key pool: `GEMINI_API_KEYS`, then the keys file, over the default budgets
+    /// `GEMINI_RPM` / `GEMINI_RPD` / `GEMINI_TPM`.
+    fn gemini_pool(&self) -> anyhow::Result<PoolConfig> {
+        let keys = match &self.gemini_api_keys {
+            Some(list) => parse_key_list(list.expose_secret())
+                .map_err(|e| anyhow::anyhow!("GEMINI_API_KEYS: {e}"))?,
+            None => Vec::new(),
+        };
+        let mut pool = PoolConfig::new(keys);
+        if let Some(rpm) = self.gemini_rpm {
+            pool.defaults.rpm = rpm;
+        }
+        if let Some(rpd) = self.gemini_rpd {
+            pool.defaults.rpd = rpd;
+        }
+        if self.gemini_tpm.is_some() {
+            pool.defaults.tpm = self.gemini_tpm;
+        }
+        if let Some(file) = &self.gemini_api_keys_file {
+            let file =
+                KeysFile::load(file).map_err(|e| anyhow::anyhow!("GEMINI_API_KEYS_FILE: {e}"))?;
+            pool.merge_file(file);
+        }
+        pool.validate()
+            .map_err(|e| anyhow::anyhow!("GEMINI_API_KEYS / GEMINI_API_KEYS_FILE: {e}"))?;
+        Ok(pool)
     }
 
     /// The effective settings as `KEY = value` lines, secrets redacted.
@@ -360,37 +374,6 @@ mod url {
 fn duration(key: &str, value: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(value.trim())
         .with_context(|| format!("{key}: {value:?} is not a duration like 30s, 2m or 1h"))
-}
-
-/// Parses `label=key@project` entries separated by commas or new lines.
-fn parse_keys(key: &str, text: &str) -> anyhow::Result<Vec<GeminiKey>> {
-    let mut keys = Vec::new();
-    for (n, entry) in text
-        .split([',', '\n'])
-        .map(str::trim)
-        .filter(|e| !e.is_empty() && !e.starts_with('#'))
-        .enumerate()
-    {
-        let parsed = entry.split_once('=').and_then(|(label, rest)| {
-            let (secret, project) = rest.rsplit_once('@')?;
-            let valid =
-                !label.trim().is_empty() && !secret.is_empty() && !project.trim().is_empty();
-            valid.then(|| GeminiKey {
-                label: label.trim().to_owned(),
-                key: SecretString::from(secret.to_owned()),
-                project: project.trim().to_owned(),
-            })
-        });
-        match parsed {
-            Some(k) => keys.push(k),
-            // Never echo the entry: it holds a key.
-            None => bail!(
-                "{key}: entry {} is not of the form label=key@project",
-                n + 1
-            ),
-        }
-    }
-    Ok(keys)
 }
 
 const REDACTED: &str = "[redacted]";
@@ -530,7 +513,8 @@ mod tests {
     fn gemini_keys_parse_with_projects() {
         let config = load(&[("GEMINI_API_KEYS", "a=k1@p1, b=k2@p2")]).expect("valid keys");
         let shown: Vec<_> = config
-            .gemini_keys
+            .gemini_pool
+            .keys
             .iter()
             .map(|k| (k.label.as_str(), k.project.as_str(), k.key.expose_secret()))
             .collect();

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, reason = "test code")]
 
+mod agent;
 mod auth;
 mod cli;
 mod conversations;

@@ -1,0 +1,291 @@
+//! The budget store in NATS JetStream key-value buckets, shared by every agent instance.
+//!
+//! Two buckets, both named by the caller:
+//!
+//! | bucket | key | value | lifetime |
+//! |---|---|---|---|
+//! | `<bucket>` | `<prefix>.rpm.<project>.<unix-minute>` | `{"requests":n,"tokens":t}` | bucket `max_age` (default 2 days) |
+//! | `<bucket>` | `<prefix>.rpd.<project>.<pacific-date>` | `{"requests":n,"tokens":0}` | bucket `max_age` |
+//! | `<bucket>_health` | `<prefix>.health` | the [`Health`] document as JSON | no expiry |
+//!
+//! Counters are spent with compare-and-set: `create` for a window nobody has written yet
+//! (it fails if another instance created it first), `update(key, value, revision)` for an
+//! existing one (it fails if the entry changed since it was read); the loser re-reads and
+//! tries again. Old windows need no clean-up: the window bucket's `max_age` expires them
+//! (a day window is written at most 25 hours before it ends, so two days is ample).
+//!
+//! Health lives in its own bucket because it must not expire: a disabled key stays
+//! disabled until a probe or an operator re-enables it, however long that takes.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use rand::Rng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{BudgetStore, Ceiling, Health, Spend, StoreError, Usage, Versioned, Window};
+
+/// How many compare-and-set attempts one operation makes before giving up. Each loss
+/// means another writer succeeded, so this is only reached under extreme contention.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// Where a [`KvBudgetStore`] keeps its data.
+#[derive(Debug, Clone)]
+pub struct KvBudgetConfig {
+    /// The window bucket's name (letters, digits, `-` and `_`); health goes in
+    /// `<bucket>_health`. Instances that share budgets use the same name.
+    pub bucket: String,
+    /// The first token(s) of every key, so several deployments can share buckets.
+    pub prefix: String,
+    /// Replicas of each bucket (1 for a single server, 3 in a cluster).
+    pub replicas: usize,
+    /// How long window counters are kept; must exceed the longest day (25 hours).
+    pub window_max_age: Duration,
+}
+
+impl KvBudgetConfig {
+    /// One replica and a two-day window lifetime.
+    pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            replicas: 1,
+            window_max_age: Duration::from_secs(2 * 24 * 3600),
+        }
+    }
+}
+
+/// Budgets and health in JetStream key-value buckets.
+#[derive(Debug, Clone)]
+pub struct KvBudgetStore {
+    windows: kv::Store,
+    health: kv::Store,
+    prefix: String,
+}
+
+impl KvBudgetStore {
+    /// Opens the buckets, creating them if they do not exist yet (several instances may
+    /// race to create them; creating an identical bucket again succeeds).
+    pub async fn open(js: &jetstream::Context, config: KvBudgetConfig) -> Result<Self, StoreError> {
+        let prefix = config.prefix.trim_matches('.');
+        let prefix_ok = !prefix.is_empty()
+            && prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
+            });
+        if !prefix_ok {
+            return Err(StoreError::Config(format!(
+                "key prefix {:?} must be dot-separated tokens of letters, digits, '-', '_' and '='",
+                config.prefix
+            )));
+        }
+        if config.window_max_age < Duration::from_secs(25 * 3600) {
+            return Err(StoreError::Config(
+                "window_max_age must be at least 25 hours, the longest Pacific day".to_owned(),
+            ));
+        }
+        let windows = ensure_bucket(
+            js,
+            kv::Config {
+                bucket: config.bucket.clone(),
+                description: "Gemini request budgets per project and window".to_owned(),
+                history: 1,
+                max_age: config.window_max_age,
+                num_replicas: config.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let health = ensure_bucket(
+            js,
+            kv::Config {
+                bucket: format!("{}_health", config.bucket),
+                description: "Gemini project cooldowns and key health".to_owned(),
+                history: 1,
+                num_replicas: config.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Self {
+            windows,
+            health,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn window_key(&self, window: &Window) -> String {
+        format!("{}.{}", self.prefix, window.key())
+    }
+
+    fn health_key(&self) -> String {
+        format!("{}.health", self.prefix)
+    }
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, StoreError> {
+    match js.create_key_value(config.clone()).await {
+        Ok(store) => Ok(store),
+        // It exists with a different configuration (e.g. other replicas): use it as is.
+        Err(create) => js
+            .get_key_value(config.bucket.clone())
+            .await
+            .map_err(|_| backend("create bucket", create)),
+    }
+}
+
+fn backend(
+    operation: &'static str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::Backend {
+        operation,
+        source: Box::new(source),
+    }
+}
+
+/// Reads `key`: its decoded value and revision, or `None` if absent, deleted or expired.
+async fn read<T: DeserializeOwned>(
+    store: &kv::Store,
+    key: &str,
+) -> Result<Option<(T, u64)>, StoreError> {
+    let entry = store.entry(key).await.map_err(|e| backend("read", e))?;
+    match entry {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let value =
+                serde_json::from_slice(&entry.value).map_err(|source| StoreError::Corrupt {
+                    key: key.to_owned(),
+                    source,
+                })?;
+            Ok(Some((value, entry.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Writes `key` if it is still at `revision` (`None`: if it does not exist). `Ok(false)`
+/// when another writer came first.
+async fn write_if<T: Serialize>(
+    store: &kv::Store,
+    key: &str,
+    value: &T,
+    revision: Option<u64>,
+) -> Result<bool, StoreError> {
+    let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
+        key: key.to_owned(),
+        source,
+    })?;
+    match revision {
+        None => match store.create(key, bytes.into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(backend("create", e)),
+        },
+        Some(revision) => match store.update(key, bytes.into(), revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(backend("update", e)),
+        },
+    }
+}
+
+/// A short random pause after a lost compare-and-set, so writers that collided do not
+/// collide again in lockstep.
+async fn after_conflict(attempt: u32) {
+    let most = u64::from(attempt.min(8)) + 1;
+    let micros = rand::rng().random_range(0..=most * 500);
+    tokio::time::sleep(Duration::from_micros(micros)).await;
+}
+
+#[async_trait]
+impl BudgetStore for KvBudgetStore {
+    async fn usage(&self, window: &Window) -> Result<Usage, StoreError> {
+        Ok(read::<Usage>(&self.windows, &self.window_key(window))
+            .await?
+            .map(|(usage, _)| usage)
+            .unwrap_or_default())
+    }
+
+    async fn try_spend(
+        &self,
+        window: &Window,
+        add: Usage,
+        ceiling: Ceiling,
+    ) -> Result<Spend, StoreError> {
+        let key = self.window_key(window);
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = read::<Usage>(&self.windows, &key).await?;
+            let (usage, revision) = match current {
+                Some((usage, revision)) => (usage, Some(revision)),
+                None => (Usage::default(), None),
+            };
+            if !usage.admits(add, ceiling) {
+                return Ok(Spend::Refused(usage));
+            }
+            let next = usage.plus(add);
+            if write_if(&self.windows, &key, &next, revision).await? {
+                return Ok(Spend::Granted(next));
+            }
+            after_conflict(attempt).await;
+        }
+        Err(StoreError::Contended {
+            key,
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    async fn adjust(&self, window: &Window, requests: i64, tokens: i64) -> Result<(), StoreError> {
+        let key = self.window_key(window);
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = read::<Usage>(&self.windows, &key).await?;
+            let (usage, revision) = match current {
+                Some((usage, revision)) => (usage, Some(revision)),
+                None => (Usage::default(), None),
+            };
+            let next = usage.adjusted(requests, tokens);
+            if next == usage {
+                return Ok(());
+            }
+            if write_if(&self.windows, &key, &next, revision).await? {
+                return Ok(());
+            }
+            after_conflict(attempt).await;
+        }
+        Err(StoreError::Contended {
+            key,
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    async fn load_health(&self) -> Result<Versioned<Health>, StoreError> {
+        Ok(
+            match read::<Health>(&self.health, &self.health_key()).await? {
+                Some((value, revision)) => Versioned {
+                    value,
+                    revision: Some(revision),
+                },
+                None => Versioned {
+                    value: Health::default(),
+                    revision: None,
+                },
+            },
+        )
+    }
+
+    async fn save_health(
+        &self,
+        health: &Health,
+        revision: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        write_if(&self.health, &self.health_key(), health, revision).await
+    }
+}

@@ -1,0 +1,344 @@
+//! The Gemini agent end to end, against the project's fake Gemini: the chat loop
+//! through the gateway (send with `run_agent` → tokens over SSE → `completed` → the
+//! reply in the messages read model), the second turn's history, failures that are
+//! not retried, retries within an attempt, another project after a 429, cancellation,
+//! no keys, and a redelivered request after completion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use colloquy_commands::Commands;
+use colloquy_commands::cache::CacheConfig;
+use colloquy_domain::RunId;
+use colloquy_eventstore::{PgEventStore, PgOptions};
+use colloquy_gemini_agent::budget::MemoryBudgetStore;
+use colloquy_gemini_agent::clock::SystemClock;
+use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault, ReplyShape};
+use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig, Role};
+use colloquy_gemini_agent::keys::{KeyPool, PoolConfig, PoolKey};
+use colloquy_gemini_agent::worker::{Agent, AgentSettings, Handled, Trigger};
+use reqwest::{Method, StatusCode};
+use secrecy::SecretString;
+use serde_json::Value;
+
+use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, spawn_app_with};
+
+/// The application with its agent pointed at `fake`, holding `keys`
+/// (`label=key@project,…`; empty for none).
+async fn app_with_gemini(fake: &FakeGemini, keys: &str) -> TestApp {
+    let base_url = fake.base_url();
+    let keys = keys.to_owned();
+    spawn_app_with(move |settings| {
+        settings.gemini_base_url = base_url;
+        settings.gemini_api_keys = (!keys.is_empty()).then(|| SecretString::from(keys));
+    })
+    .await
+}
+
+/// Sends `text` asking for a run; returns the run id and its SSE stream.
+async fn ask(
+    app: &TestApp,
+    user: &TestUser,
+    conversation: &str,
+    text: &str,
+) -> (String, SseReader) {
+    let sent = app.send_message(user, conversation, text, true).await;
+    let run_id = sent["run_id"].as_str().unwrap().to_owned();
+    let events = SseReader::new(
+        app.sse(&format!("/v1/runs/{run_id}/events"), user, None)
+            .await,
+    );
+    (run_id, events)
+}
+
+/// Reads the run stream to its outcome; returns the outcome event and every event
+/// before it.
+async fn outcome(events: &mut SseReader) -> (SseEvent, Vec<SseEvent>) {
+    let mut seen = Vec::new();
+    while let Some(event) = events.next().await {
+        if matches!(
+            event.event.as_deref(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            return (event, seen);
+        }
+        seen.push(event);
+    }
+    panic!("the run stream ended without an outcome: {seen:?}");
+}
+
+fn generation_calls(fake: &FakeGemini) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
+        .count()
+}
+
+async fn messages_at(
+    app: &TestApp,
+    user: &TestUser,
+    conversation: &str,
+    position: i64,
+) -> Vec<Value> {
+    let response = app
+        .request(
+            Method::GET,
+            &format!("/v1/conversations/{conversation}/messages"),
+            user,
+        )
+        .header("X-Colloquy-Min-Position", position.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn the_chat_loop_streams_tokens_and_records_the_reply_with_history() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_with_gemini(&fake, "main=fake-key-1@proj-a").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+
+    let (run_id, mut events) = ask(&app, &user, &conversation, "hello there").await;
+    let (completed, before) = outcome(&mut events).await;
+    assert_eq!(
+        completed.event.as_deref(),
+        Some("completed"),
+        "{completed:?}"
+    );
+    let data = completed.json();
+    assert_eq!(data["text"], "echo: hello there");
+    assert_eq!(data["finishReason"], "STOP");
+    let streamed: String = before
+        .iter()
+        .filter(|e| e.event.as_deref() == Some("token"))
+        .map(|e| e.json()["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        streamed, "echo: hello there",
+        "the tokens add up to the reply"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|e| e.event.as_deref() == Some("RunStarted")),
+        "{before:?}"
+    );
+    // The key went in the header, never the URL.
+    let request = fake.requests().pop().unwrap();
+    assert_eq!(request.api_key.as_deref(), Some("fake-key-1"));
+    assert!(!request.key_in_query);
+
+    let messages = messages_at(&app, &user, &conversation, completed.position()).await;
+    let reply = messages.last().unwrap();
+    assert_eq!(reply["author"], "assistant");
+    assert_eq!(reply["text"], "echo: hello there");
+    assert_eq!(reply["run_id"], run_id.as_str());
+
+    // The second turn carries the first as history, the reply as a `model` turn.
+    let (_, mut events) = ask(&app, &user, &conversation, "and again").await;
+    let (completed, _) = outcome(&mut events).await;
+    assert_eq!(completed.json()["text"], "echo: and again");
+    let sent = fake.requests().pop().unwrap().request.unwrap();
+    let turns: Vec<(Option<Role>, String)> =
+        sent.contents.iter().map(|c| (c.role, c.text())).collect();
+    assert_eq!(
+        turns,
+        [
+            (Some(Role::User), "hello there".to_owned()),
+            (Some(Role::Model), "echo: hello there".to_owned()),
+            (Some(Role::User), "and again".to_owned()),
+        ]
+    );
+    let run: Value = app
+        .request(Method::GET, &format!("/v1/runs/{run_id}"), &user)
+        .header("X-Colloquy-Min-Position", completed.position().to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempts"], 1);
+}
+
+#[tokio::test]
+async fn without_keys_a_run_fails_at_once_saying_so() {
+    let fake = FakeGemini::start(FakeConfig::default()).await.unwrap();
+    let app = app_with_gemini(&fake, "").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let (_, mut events) = ask(&app, &user, &conversation, "anyone?").await;
+    let (failed, _) = outcome(&mut events).await;
+    assert_eq!(failed.event.as_deref(), Some("failed"));
+    assert_eq!(failed.json()["reason"], "no Gemini API keys configured");
+    assert_eq!(generation_calls(&fake), 0);
+}
+
+#[tokio::test]
+async fn a_blocked_prompt_fails_the_run_without_a_retry() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    fake.push_fault(Fault::PromptBlocked);
+    let app = app_with_gemini(&fake, "main=fake-key-1@proj-a").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let (_, mut events) = ask(&app, &user, &conversation, "something unsafe").await;
+    let (failed, _) = outcome(&mut events).await;
+    assert_eq!(failed.event.as_deref(), Some("failed"), "{failed:?}");
+    let reason = failed.json()["reason"].as_str().unwrap().to_lowercase();
+    assert!(reason.contains("block"), "{reason}");
+    assert_eq!(
+        generation_calls(&fake),
+        1,
+        "a blocked prompt is not retried"
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_within_the_attempt_with_a_reset() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    fake.push_fault(Fault::Overloaded);
+    fake.push_fault(Fault::DropMidStream);
+    let app = app_with_gemini(&fake, "main=fake-key-1@proj-a").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let (run_id, mut events) = ask(&app, &user, &conversation, "try hard").await;
+    let (completed, before) = outcome(&mut events).await;
+    assert_eq!(
+        completed.event.as_deref(),
+        Some("completed"),
+        "{completed:?}"
+    );
+    assert_eq!(completed.json()["text"], "echo: try hard");
+    assert_eq!(generation_calls(&fake), 3);
+    assert!(
+        before.iter().any(|e| e.event.as_deref() == Some("reset")),
+        "tokens went out before the drop, so the client is told to start over: {before:?}"
+    );
+    let messages = messages_at(&app, &user, &conversation, completed.position()).await;
+    let replies: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["run_id"] == run_id.as_str())
+        .collect();
+    assert_eq!(replies.len(), 1, "one reply, however many tries");
+}
+
+#[tokio::test]
+async fn a_rate_limited_project_hands_the_call_to_another_project() {
+    let fake = FakeGemini::start(
+        FakeConfig::default()
+            .key("fake-key-a", "proj-a")
+            .key("fake-key-b", "proj-b"),
+    )
+    .await
+    .unwrap();
+    fake.push_fault(Fault::RateLimited {
+        per_day: false,
+        retry_after: Duration::from_secs(30),
+    });
+    let app = app_with_gemini(&fake, "a=fake-key-a@proj-a,b=fake-key-b@proj-b").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let (_, mut events) = ask(&app, &user, &conversation, "busy?").await;
+    let (completed, _) = outcome(&mut events).await;
+    assert_eq!(
+        completed.event.as_deref(),
+        Some("completed"),
+        "{completed:?}"
+    );
+    let keys: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
+        .map(|r| r.api_key.clone().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_ne!(keys[0], keys[1], "the second call used the other project");
+}
+
+#[tokio::test]
+async fn cancelling_stops_the_call_and_records_no_reply() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    fake.set_reply_shape(ReplyShape {
+        chunks: 6,
+        chunk_delay: Duration::from_secs(5),
+        ..ReplyShape::default()
+    });
+    let app = app_with_gemini(&fake, "main=fake-key-1@proj-a").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let (run_id, mut events) = ask(&app, &user, &conversation, "a long one").await;
+    // The call is under way once the first token arrives.
+    events.next_of("token").await;
+    let cancel = app
+        .request(Method::POST, &format!("/v1/runs/{run_id}/cancel"), &user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), StatusCode::ACCEPTED);
+    let (cancelled, _) = outcome(&mut events).await;
+    assert_eq!(cancelled.event.as_deref(), Some("cancelled"));
+    let messages = messages_at(&app, &user, &conversation, cancelled.position()).await;
+    assert!(
+        messages.iter().all(|m| m["author"] == "user"),
+        "no reply after a cancel: {messages:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_redelivered_request_after_completion_does_not_call_gemini() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_with_gemini(&fake, "main=fake-key-1@proj-a").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let (run_id, mut events) = ask(&app, &user, &conversation, "once").await;
+    let (completed, _) = outcome(&mut events).await;
+    assert_eq!(completed.event.as_deref(), Some("completed"));
+    let calls = generation_calls(&fake);
+
+    // A second agent gets the same request again.
+    let store = PgEventStore::with_pool(app.db.pool().await, PgOptions::default());
+    let pool = KeyPool::new(
+        PoolConfig::new(vec![PoolKey::new("main", "fake-key-1", "proj-a")]),
+        Arc::new(MemoryBudgetStore::new()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let agent = Agent::new(
+        Commands::new(Arc::new(store), CacheConfig::default()),
+        GeminiClient::new(GeminiConfig {
+            base_url: fake.base_url(),
+            ..GeminiConfig::default()
+        })
+        .unwrap(),
+        Some(Arc::new(pool)),
+        async_nats::connect(colloquy_testkit::nats_url())
+            .await
+            .unwrap(),
+        AgentSettings {
+            prefix: app.prefix.clone(),
+            stream: app.prefix.to_uppercase(),
+            ..AgentSettings::default()
+        },
+    );
+    let run = RunId::from_uuid(run_id.parse().unwrap());
+    for trigger in [Trigger::Redelivered, Trigger::Sweep] {
+        let handled = agent.handle(run, trigger).await.unwrap();
+        assert_eq!(handled, Handled::Skipped("already settled"));
+    }
+    assert_eq!(generation_calls(&fake), calls, "no second call");
+}
