@@ -328,7 +328,7 @@ impl Application {
 
 /// The runs the agent's sweep looks at, from the runs read model.
 #[derive(Debug)]
-struct PgDueRuns(PgPool);
+pub struct PgDueRuns(pub PgPool);
 
 #[async_trait]
 impl DueRuns for PgDueRuns {

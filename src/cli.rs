@@ -41,6 +41,33 @@ pub enum Command {
     /// Measure this build on this machine (see docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Tools for trying Colloquy without outside services.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Serve the project's Gemini double (the real wire format, fake answers:
+    /// `echo: <your message>`), to try the whole loop without a Gemini key. Point
+    /// `GEMINI_BASE_URL` at it and give a key it knows.
+    FakeGemini(FakeGeminiArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FakeGeminiArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub bind: std::net::SocketAddr,
+    /// The keys it accepts, as `key@project`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "fake-key@fake-project")]
+    pub keys: Vec<String>,
+    /// Requests per minute per project (unlimited if unset).
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Requests per day per project (unlimited if unset).
+    #[arg(long)]
+    pub rpd: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::replay::run(&config, args).await
         }
         Command::Bench(command) => crate::bench::run(cli.config.as_deref(), command).await,
+        Command::Dev(DevCommand::FakeGemini(args)) => fake_gemini(args).await,
         Command::Serve(args) => {
             let mut settings = Settings::load(cli.config.as_deref())?;
             settings.require_external |= args.external;
@@ -157,4 +185,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped(token).await
         }
     }
+}
+
+/// `colloquy dev fake-gemini`: serves the Gemini double until a signal.
+async fn fake_gemini(args: &FakeGeminiArgs) -> anyhow::Result<()> {
+    use colloquy_gemini_agent::fake::{FakeConfig, Quota, serve};
+    let mut config = FakeConfig {
+        default_quota: Quota {
+            rpm: args.rpm,
+            rpd: args.rpd,
+        },
+        ..FakeConfig::default()
+    };
+    let mut keys = Vec::new();
+    for entry in &args.keys {
+        let Some((key, project)) = entry.rsplit_once('@') else {
+            anyhow::bail!("--keys: each entry is key@project");
+        };
+        keys.push(format!("fake={key}@{project}"));
+        config = config.key(key, project);
+    }
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("Failed to bind {}", args.bind))?;
+    let addr = listener.local_addr()?;
+    println!("fake Gemini (a test double, not Google) on http://{addr}");
+    println!(
+        "try: GEMINI_BASE_URL=http://{addr} GEMINI_API_KEYS={} colloquy serve",
+        keys.join(",")
+    );
+    let token = CancellationToken::new();
+    shutdown::on_signal(token.clone());
+    serve(listener, config, token).await?;
+    Ok(())
 }

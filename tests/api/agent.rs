@@ -7,21 +7,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use colloquy::Role as ProcessRole;
+use colloquy::app::PgDueRuns;
 use colloquy_commands::Commands;
 use colloquy_commands::cache::CacheConfig;
 use colloquy_domain::RunId;
 use colloquy_eventstore::{PgEventStore, PgOptions};
+use colloquy_gemini_agent::backoff::{Backoff, RetrySchedule};
 use colloquy_gemini_agent::budget::MemoryBudgetStore;
 use colloquy_gemini_agent::clock::SystemClock;
+use colloquy_gemini_agent::fake::RandomFaults;
 use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault, ReplyShape};
 use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig, Role};
 use colloquy_gemini_agent::keys::{KeyPool, PoolConfig, PoolKey};
-use colloquy_gemini_agent::worker::{Agent, AgentSettings, Handled, Trigger};
+use colloquy_gemini_agent::worker::{Agent, AgentSettings, DEAD_LETTER_PREFIX, Handled, Trigger};
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::Value;
 
-use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, spawn_app_with};
+use crate::helpers::{
+    SseEvent, SseReader, TestApp, TestUser, spawn_app_with, spawn_app_with_roles,
+};
 
 /// The application with its agent pointed at `fake`, holding `keys`
 /// (`label=key@project,…`; empty for none).
@@ -65,6 +71,85 @@ async fn outcome(events: &mut SseReader) -> (SseEvent, Vec<SseEvent>) {
         seen.push(event);
     }
     panic!("the run stream ended without an outcome: {seen:?}");
+}
+
+/// An agent of the test's own, beside the application's (or instead of it), with the
+/// fake's key `fake-key-1@proj-a` and `settings` (prefix and stream are the app's).
+async fn agent_for(app: &TestApp, fake: &FakeGemini, settings: AgentSettings) -> Agent {
+    let store = PgEventStore::with_pool(app.db.pool().await, PgOptions::default());
+    let pool = KeyPool::new(
+        PoolConfig::new(vec![PoolKey::new("main", "fake-key-1", "proj-a")]),
+        Arc::new(MemoryBudgetStore::new()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    Agent::new(
+        Commands::new(Arc::new(store), CacheConfig::default()),
+        GeminiClient::new(GeminiConfig {
+            base_url: fake.base_url(),
+            ..GeminiConfig::default()
+        })
+        .unwrap(),
+        Some(Arc::new(pool)),
+        async_nats::connect(colloquy_testkit::nats_url())
+            .await
+            .unwrap(),
+        AgentSettings {
+            prefix: app.prefix.clone(),
+            stream: app.prefix.to_uppercase(),
+            ..settings
+        },
+    )
+}
+
+/// The application without its agent: runs stay queued until a test's agent acts.
+async fn app_without_agent() -> TestApp {
+    spawn_app_with_roles(
+        [
+            ProcessRole::Gateway,
+            ProcessRole::Relay,
+            ProcessRole::Projector,
+        ]
+        .into_iter()
+        .collect(),
+    )
+    .await
+}
+
+/// A queued run (its request applied to the runs read model); returns its id.
+async fn queued_run(app: &TestApp, user: &TestUser) -> RunId {
+    let conversation = app.create_conversation(user).await;
+    let sent = app
+        .send_message(user, &conversation, "are you there?", true)
+        .await;
+    let run_id = sent["run_id"].as_str().unwrap().to_owned();
+    let response = app
+        .request(Method::GET, &format!("/v1/runs/{run_id}"), user)
+        .header("X-Colloquy-Min-Position", sent["position"].to_string())
+        .send()
+        .await
+        .unwrap();
+    let run: Value = response.json().await.unwrap();
+    assert_eq!(run["status"], "queued");
+    RunId::from_uuid(run_id.parse().unwrap())
+}
+
+async fn run_status(app: &TestApp, user: &TestUser, run: RunId) -> Value {
+    // The run's last event position, read from the log, is what the read model must reach.
+    let position = colloquy_eventstore::EventStore::head(&PgEventStore::with_pool(
+        app.db.pool().await,
+        PgOptions::default(),
+    ))
+    .await
+    .unwrap();
+    app.request(Method::GET, &format!("/v1/runs/{}", run.as_uuid()), user)
+        .header("X-Colloquy-Min-Position", position.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn generation_calls(fake: &FakeGemini) -> usize {
@@ -311,34 +396,150 @@ async fn a_redelivered_request_after_completion_does_not_call_gemini() {
     let calls = generation_calls(&fake);
 
     // A second agent gets the same request again.
-    let store = PgEventStore::with_pool(app.db.pool().await, PgOptions::default());
-    let pool = KeyPool::new(
-        PoolConfig::new(vec![PoolKey::new("main", "fake-key-1", "proj-a")]),
-        Arc::new(MemoryBudgetStore::new()),
-        Arc::new(SystemClock),
-    )
-    .unwrap();
-    let agent = Agent::new(
-        Commands::new(Arc::new(store), CacheConfig::default()),
-        GeminiClient::new(GeminiConfig {
-            base_url: fake.base_url(),
-            ..GeminiConfig::default()
-        })
-        .unwrap(),
-        Some(Arc::new(pool)),
-        async_nats::connect(colloquy_testkit::nats_url())
-            .await
-            .unwrap(),
-        AgentSettings {
-            prefix: app.prefix.clone(),
-            stream: app.prefix.to_uppercase(),
-            ..AgentSettings::default()
-        },
-    );
+    let agent = agent_for(&app, &fake, AgentSettings::default()).await;
     let run = RunId::from_uuid(run_id.parse().unwrap());
     for trigger in [Trigger::Redelivered, Trigger::Sweep] {
         let handled = agent.handle(run, trigger).await.unwrap();
         assert_eq!(handled, Handled::Skipped("already settled"));
     }
     assert_eq!(generation_calls(&fake), calls, "no second call");
+}
+
+#[tokio::test]
+async fn the_sweep_recovers_a_request_that_never_started() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_without_agent().await;
+    let user = app.register_and_login().await;
+    let run = queued_run(&app, &user).await;
+    // Its message is lost (no agent consumed it); the sweep finds it in the read model.
+    let agent = agent_for(
+        &app,
+        &fake,
+        AgentSettings {
+            lost_after: Duration::ZERO,
+            ..AgentSettings::default()
+        },
+    )
+    .await;
+    let swept = agent.sweep(&PgDueRuns(app.db.pool().await)).await.unwrap();
+    assert_eq!(swept, [(run, Handled::Completed)]);
+    assert_eq!(run_status(&app, &user, run).await["status"], "succeeded");
+    assert!(
+        agent
+            .sweep(&PgDueRuns(app.db.pool().await))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn retries_escalate_and_end_in_a_dead_letter() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    fake.set_random_faults(Some(RandomFaults {
+        seed: 7,
+        probability: 1.0,
+        faults: vec![Fault::Internal],
+    }));
+    let app = app_without_agent().await;
+    let user = app.register_and_login().await;
+    let run = queued_run(&app, &user).await;
+    let agent = agent_for(
+        &app,
+        &fake,
+        AgentSettings {
+            retry_delays: RetrySchedule::new(vec![
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+            ]),
+            backoff: Backoff {
+                max_tries: 2,
+                base: Duration::from_millis(1),
+                ..Backoff::default()
+            },
+            ..AgentSettings::default()
+        },
+    )
+    .await;
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        // Each pass waits out the (1 ms) not-before time first.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        outcomes.push(agent.handle(run, Trigger::Sweep).await.unwrap());
+    }
+    assert!(matches!(outcomes[0], Handled::Retrying(_)), "{outcomes:?}");
+    assert!(matches!(outcomes[1], Handled::Retrying(_)), "{outcomes:?}");
+    let Handled::Failed(reason) = &outcomes[2] else {
+        panic!("{outcomes:?}");
+    };
+    assert!(reason.starts_with(DEAD_LETTER_PREFIX), "{reason}");
+    assert_eq!(generation_calls(&fake), 6, "three attempts of two tries");
+    let status = run_status(&app, &user, run).await;
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(status["attempts"], 3);
+    // Settled: nothing more happens.
+    assert_eq!(
+        agent.handle(run, Trigger::Redelivered).await.unwrap(),
+        Handled::Skipped("already settled")
+    );
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_call_leaves_a_run_that_completes_once() {
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    fake.set_reply_shape(ReplyShape {
+        chunks: 4,
+        chunk_delay: Duration::from_secs(30),
+        ..ReplyShape::default()
+    });
+    let app = app_without_agent().await;
+    let user = app.register_and_login().await;
+    let run = queued_run(&app, &user).await;
+    let doomed = agent_for(&app, &fake, AgentSettings::default()).await;
+    let call = tokio::spawn(async move { doomed.handle(run, Trigger::Delivered).await });
+    // Killed once the call is under way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while generation_calls(&fake) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    assert_eq!(run_status(&app, &user, run).await["status"], "running");
+
+    // Its message is redelivered to another agent, which takes the run over.
+    fake.set_reply_shape(ReplyShape::default());
+    let rescuer = agent_for(&app, &fake, AgentSettings::default()).await;
+    assert_eq!(
+        rescuer.handle(run, Trigger::Delivered).await.unwrap(),
+        Handled::Skipped("another agent is running it"),
+        "a first delivery never takes over a running attempt"
+    );
+    assert_eq!(
+        rescuer.handle(run, Trigger::Redelivered).await.unwrap(),
+        Handled::Completed
+    );
+    assert_eq!(
+        rescuer.handle(run, Trigger::Redelivered).await.unwrap(),
+        Handled::Skipped("already settled")
+    );
+    let status = run_status(&app, &user, run).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["attempts"], 2);
+    let conversation = status["conversation_id"].as_str().unwrap().to_owned();
+    let messages = messages_at(&app, &user, &conversation, 0).await;
+    let replies = messages
+        .iter()
+        .filter(|m| m["author"] == "assistant")
+        .count();
+    assert_eq!(replies, 1, "{messages:?}");
 }

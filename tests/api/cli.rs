@@ -175,3 +175,53 @@ async fn replay_rebuilds_and_verify_finds_no_difference_then_finds_tampering() {
     assert!(!tampered.status.success(), "a difference is a failure exit");
     assert!(String::from_utf8_lossy(&tampered.stdout).contains("messages: messages changed"));
 }
+
+#[tokio::test]
+async fn dev_fake_gemini_serves_the_wire_format_and_knows_its_keys() {
+    use std::io::BufRead as _;
+    colloquy::install_crypto_provider();
+    let mut child = colloquy()
+        .args([
+            "dev",
+            "fake-gemini",
+            "--bind",
+            "127.0.0.1:0",
+            "--keys",
+            "try-key@try-project",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("test double"), "labelled as fake: {first}");
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned();
+    let client = reqwest::Client::new();
+    let call = |key: &'static str| {
+        client
+            .post(format!(
+                "{url}/v1beta/models/gemini-2.5-flash:generateContent"
+            ))
+            .header("x-goog-api-key", key)
+            .json(&serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}))
+            .send()
+    };
+    let known = call("try-key").await.unwrap();
+    assert_eq!(known.status(), 200);
+    let body: serde_json::Value = known.json().await.unwrap();
+    assert_eq!(
+        body["candidates"][0]["content"]["parts"][0]["text"],
+        "echo: hi"
+    );
+    let unknown = call("other-key").await.unwrap();
+    assert_eq!(unknown.status(), 400);
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["status"], "INVALID_ARGUMENT");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
