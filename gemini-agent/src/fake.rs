@@ -158,7 +158,8 @@ pub enum Fault {
         /// The message.
         message: String,
     },
-    /// A 429 whatever the quotas say, in the configured [`QuotaErrorStyle`].
+    /// A 429 whatever the quotas say, in the configured [`QuotaErrorStyle`]. Its
+    /// `quotaValue` is the project's configured limit, or absent if it has none.
     RateLimited {
         /// A per-day quota rather than a per-minute one.
         per_day: bool,
@@ -673,11 +674,7 @@ impl FakeState {
 
     /// Counts one request against the project's limits, or answers 429 without counting.
     fn charge(&mut self, project: &str, model: &str, now: Instant) -> Result<(), Answer> {
-        let quota = self
-            .project_quotas
-            .get(project)
-            .copied()
-            .unwrap_or(self.default_quota);
+        let quota = self.quota_of(project);
         let usage = self
             .usage
             .entry((project.to_owned(), model.to_owned()))
@@ -688,17 +685,37 @@ impl FakeState {
             && day.count >= limit
         {
             let wait = (day.started + DAY).saturating_duration_since(now);
-            return Err(rate_limited(self.quota_errors, true, limit, model, wait));
+            return Err(rate_limited(
+                self.quota_errors,
+                true,
+                Some(limit),
+                model,
+                wait,
+            ));
         }
         if let Some(limit) = quota.rpm
             && minute.count >= limit
         {
             let wait = (minute.started + MINUTE).saturating_duration_since(now);
-            return Err(rate_limited(self.quota_errors, false, limit, model, wait));
+            return Err(rate_limited(
+                self.quota_errors,
+                false,
+                Some(limit),
+                model,
+                wait,
+            ));
         }
         day.count += 1;
         minute.count += 1;
         Ok(())
+    }
+
+    /// The limits of a project.
+    fn quota_of(&self, project: &str) -> Quota {
+        self.project_quotas
+            .get(project)
+            .copied()
+            .unwrap_or(self.default_quota)
     }
 
     /// The fault for this call: the first queued one it matches, else a random one.
@@ -730,10 +747,12 @@ fn current(window: &mut Option<Window>, now: Instant, length: Duration) -> &mut 
     })
 }
 
+/// A 429 in `style`. `limit` becomes `quotaValue` when known; without it the violation has
+/// none, so that a scripted 429 teaches the client no made-up limit.
 fn rate_limited(
     style: QuotaErrorStyle,
     per_day: bool,
-    limit: u32,
+    limit: Option<u32>,
     model: &str,
     wait: Duration,
 ) -> Answer {
@@ -747,6 +766,15 @@ fn rate_limited(
         )
     };
     let metric = "generativelanguage.googleapis.com/generate_content_free_tier_requests";
+    let shown_limit = limit.map_or_else(|| "?".to_owned(), |limit| limit.to_string());
+    let mut violation = json!({
+        "quotaMetric": metric,
+        "quotaId": quota_id,
+        "quotaDimensions": {"location": "global", "model": model},
+    });
+    if let Some(limit) = limit {
+        violation["quotaValue"] = json!(limit.to_string());
+    }
     match style {
         QuotaErrorStyle::Detailed => Answer::error(
             429,
@@ -755,17 +783,12 @@ fn rate_limited(
                 "You exceeded your current quota, please check your plan and billing details. \
                  For more information on this error, head to: \
                  https://ai.google.dev/gemini-api/docs/rate-limits.\n* Quota exceeded for \
-                 metric: {metric}, limit: {limit}, model: {model}\nPlease retry in {seconds:.2}s."
+                 metric: {metric}, limit: {shown_limit}, model: {model}\nPlease retry in {seconds:.2}s."
             ),
             vec![
                 json!({
                     "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                    "violations": [{
-                        "quotaMetric": metric,
-                        "quotaId": quota_id,
-                        "quotaDimensions": {"location": "global", "model": model},
-                        "quotaValue": limit.to_string(),
-                    }],
+                    "violations": [violation],
                 }),
                 json!({
                     "@type": "type.googleapis.com/google.rpc.Help",
@@ -1064,7 +1087,11 @@ fn answer_model_call(
         Some(Fault::RateLimited {
             per_day,
             retry_after,
-        }) => rate_limited(state.quota_errors, per_day, 1, model, retry_after),
+        }) => {
+            let quota = state.quota_of(&project);
+            let limit = if per_day { quota.rpd } else { quota.rpm };
+            rate_limited(state.quota_errors, per_day, limit, model, retry_after)
+        }
         Some(Fault::ErrorMidStream) if !stream => internal_error(),
         _ if stream => reply.stream(fault.as_ref()),
         _ => reply.unary(fault.as_ref()),

@@ -694,8 +694,8 @@ impl CallFailure {
         }
     }
 
-    /// Whether sending the same request again may succeed, once [`key_effect`]
-    /// (Self::key_effect) has been applied: possibly later, possibly with another key.
+    /// Whether sending the same request again may succeed, once
+    /// [`key_effect`](Self::key_effect) has been applied: possibly later, possibly with another key.
     /// Bad requests and blocked content fail the same way every time; 504s and time
     /// limits count only if `timeouts` says so, because they may be billed.
     pub fn is_retryable(&self, timeouts: RetryTimeouts) -> bool {
