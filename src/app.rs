@@ -122,6 +122,10 @@ impl Application {
             colloquy_gateway::auth::AuthSettings {
                 jwt_secret: config.settings.jwt_secret.clone(),
                 jwt_private_key_file: config.settings.jwt_private_key_file.clone(),
+                command_rate_limit: Some(colloquy_gateway::auth::RateLimit::new(
+                    config.settings.commands_per_second,
+                    config.settings.command_burst,
+                )),
                 ..Default::default()
             },
         )

@@ -35,6 +35,8 @@ pub const KEYS: &[&str] = &[
     "COLLOQUY_PROJECTION_LAG_BUDGET",
     "COLLOQUY_SHUTDOWN_GRACE",
     "COLLOQUY_SSE_MAX_STREAMS_PER_USER",
+    "COLLOQUY_COMMANDS_PER_SECOND",
+    "COLLOQUY_COMMAND_BURST",
     "COLLOQUY_SSE_BUFFER",
     "GEMINI_API_KEYS",
     "GEMINI_API_KEYS_FILE",
@@ -104,6 +106,12 @@ pub struct Settings {
     /// How long shutdown waits for in-flight work, e.g. `10s`.
     #[serde(rename = "COLLOQUY_SHUTDOWN_GRACE")]
     pub shutdown_grace: String,
+    /// Commands (non-GET requests) one user may send per second, sustained (429 above).
+    #[serde(rename = "COLLOQUY_COMMANDS_PER_SECOND")]
+    pub commands_per_second: u32,
+    /// Commands one user may send at once after being idle.
+    #[serde(rename = "COLLOQUY_COMMAND_BURST")]
+    pub command_burst: u32,
     /// Concurrent SSE streams one user may hold on one gateway (429 above it).
     #[serde(rename = "COLLOQUY_SSE_MAX_STREAMS_PER_USER")]
     pub sse_max_streams_per_user: usize,
@@ -160,6 +168,8 @@ impl Default for Settings {
             subject_prefix: "colloquy".into(),
             projection_lag_budget: "5s".into(),
             shutdown_grace: "10s".into(),
+            commands_per_second: 20,
+            command_burst: 40,
             sse_max_streams_per_user: 16,
             sse_buffer: 4096,
             gemini_api_keys: None,
@@ -264,6 +274,9 @@ impl Settings {
         }
         if !(1..=5).contains(&self.stream_replicas) {
             bail!("COLLOQUY_STREAM_REPLICAS must be between 1 and 5");
+        }
+        if self.commands_per_second == 0 || self.command_burst == 0 {
+            bail!("COLLOQUY_COMMANDS_PER_SECOND and COLLOQUY_COMMAND_BURST must be at least 1");
         }
         if self.sse_max_streams_per_user == 0 {
             bail!("COLLOQUY_SSE_MAX_STREAMS_PER_USER must be at least 1");

@@ -48,7 +48,12 @@ pub fn router(state: GatewayState) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(auth::routes(&state.auth))
-        .merge(routes::routes())
+        .merge(
+            routes::routes().route_layer(axum::middleware::from_fn_with_state(
+                state.auth.clone(),
+                auth::limit_commands_by_user,
+            )),
+        )
         .merge(live::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

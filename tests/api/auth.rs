@@ -443,3 +443,46 @@ async fn a_burst_of_logins_from_one_address_is_rate_limited() {
     }
     panic!("40 × 5 concurrent logins were never rate-limited");
 }
+
+#[tokio::test]
+async fn commands_are_rate_limited_per_user_and_queries_are_not() {
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.commands_per_second = 1;
+        settings.command_burst = 3;
+    })
+    .await;
+    let user = app.register_and_login().await;
+    let other = app.register_and_login().await;
+    let mut statuses = Vec::new();
+    // 10 commands: all of them pass only if they took over 7 s.
+    for _ in 0..10 {
+        let response = app
+            .request(reqwest::Method::POST, "/v1/conversations", &user)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(&statuses[..3], [201, 201, 201], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    // Another user has a budget of their own; reads are not counted.
+    let response = app
+        .request(reqwest::Method::POST, "/v1/conversations", &other)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    for _ in 0..5 {
+        let response = app
+            .request(reqwest::Method::GET, "/v1/conversations", &user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+}

@@ -42,7 +42,8 @@ pub use tokens::{AccessClaims, JwtKeys, KeyError};
 use crate::GatewayState;
 use crate::error::ApiError;
 use password::Passwords;
-use rate_limit::IpLimiter;
+pub(crate) use rate_limit::limit_commands_by_user;
+use rate_limit::{IpLimiter, KeyedLimiter};
 
 /// How authentication is configured.
 #[derive(Debug, Clone, Default)]
@@ -54,6 +55,8 @@ pub struct AuthSettings {
     pub jwt_private_key_file: Option<PathBuf>,
     /// The per-address budget of the `/v1/auth` routes.
     pub rate_limit: RateLimit,
+    /// The per-user budget of commands (`None`: [`RateLimit::commands`]).
+    pub command_rate_limit: Option<RateLimit>,
 }
 
 /// Why authentication could not be set up.
@@ -76,6 +79,7 @@ struct Inner {
     keys: JwtKeys,
     passwords: Passwords,
     limiter: IpLimiter,
+    command_limiter: KeyedLimiter<uuid::Uuid>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -102,6 +106,11 @@ impl AuthState {
                 keys,
                 passwords,
                 limiter: IpLimiter::new(settings.rate_limit),
+                command_limiter: KeyedLimiter::new(
+                    settings
+                        .command_rate_limit
+                        .unwrap_or_else(RateLimit::commands),
+                ),
             }),
         })
     }

@@ -1,6 +1,10 @@
-//! Per-IP rate limiting of the auth routes (GCRA, the `governor` crate): by default 10
-//! requests a second per client address, in bursts of up to 20. Over the limit is 429
-//! `rate_limited` with `Retry-After`, before any work (no hashing, no query) is done.
+//! Rate limits (GCRA, the `governor` crate), answered with 429 `rate_limited` and
+//! `Retry-After` before any work (no hashing, no query, no append) is done:
+//!
+//! - per client address on the auth routes: by default 10 requests a second, in bursts
+//!   of up to 20;
+//! - per user on commands (every `/v1` request that is not a `GET`): by default 20 a
+//!   second, in bursts of up to 40. Queries and SSE are not counted.
 //!
 //! The key is the peer address of the TCP connection (`ConnectInfo`, which
 //! `axum::serve(…into_make_service_with_connect_info::<SocketAddr>())` provides): an
@@ -9,6 +13,7 @@
 //! proxy's budget. A request without `ConnectInfo` (a router served without it) counts
 //! against one shared key rather than going unlimited.
 
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,42 +27,55 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use super::AuthState;
 use crate::error::ApiError;
 
-/// A per-IP request budget.
+/// A request budget per key (an address, a user).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
-    /// Sustained requests per second per address.
+    /// Sustained requests per second per key.
     pub per_second: NonZeroU32,
-    /// Requests an idle address may send at once.
+    /// Requests an idle key may send at once.
     pub burst: NonZeroU32,
 }
 
-impl Default for RateLimit {
-    fn default() -> Self {
+impl RateLimit {
+    /// `per_second` sustained, `burst` at once (both at least 1).
+    pub fn new(per_second: u32, burst: u32) -> Self {
         Self {
-            per_second: NonZeroU32::new(10).expect("BUG: 10 is not zero"),
-            burst: NonZeroU32::new(20).expect("BUG: 20 is not zero"),
+            per_second: NonZeroU32::new(per_second.max(1)).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN),
         }
+    }
+
+    /// The default budget of one user's commands: 20 a second, bursts of 40.
+    pub fn commands() -> Self {
+        Self::new(20, 40)
+    }
+}
+
+impl Default for RateLimit {
+    /// The default budget of one address on the auth routes: 10 a second, bursts of 20.
+    fn default() -> Self {
+        Self::new(10, 20)
     }
 }
 
 /// How often (in requests) idle addresses are dropped from the limiter's memory.
 const SWEEP_EVERY: u64 = 1024;
 
-/// The limiter and its housekeeping.
-pub(crate) struct IpLimiter {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+/// A keyed limiter and its housekeeping.
+pub(crate) struct KeyedLimiter<K: Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
     requests: AtomicU64,
 }
 
-impl std::fmt::Debug for IpLimiter {
+impl<K: Hash + Eq + Clone> std::fmt::Debug for KeyedLimiter<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IpLimiter")
-            .field("addresses", &self.limiter.len())
+        f.debug_struct("KeyedLimiter")
+            .field("keys", &self.limiter.len())
             .finish_non_exhaustive()
     }
 }
 
-impl IpLimiter {
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     pub(crate) fn new(limit: RateLimit) -> Self {
         let quota = Quota::per_second(limit.per_second).allow_burst(limit.burst);
         Self {
@@ -66,18 +84,27 @@ impl IpLimiter {
         }
     }
 
-    /// Counts a request from `addr`: `Err` with the 429 when over the budget.
-    fn check(&self, addr: Option<IpAddr>) -> Result<(), ApiError> {
+    /// Counts a request of `key`: `Err` with the 429 when over the budget.
+    pub(crate) fn check(&self, key: &K) -> Result<(), ApiError> {
         if self.requests.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
-        let key = addr.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), key_of);
         self.limiter
-            .check_key(&key)
+            .check_key(key)
             .map_err(|not_until| ApiError::RateLimited {
                 retry_after: not_until.wait_time_from(self.limiter.clock().now()),
             })
+    }
+}
+
+/// The auth routes' limiter, keyed by client address.
+pub(crate) type IpLimiter = KeyedLimiter<IpAddr>;
+
+impl IpLimiter {
+    /// Counts a request from `addr` (one shared key when unknown).
+    fn check_addr(&self, addr: Option<IpAddr>) -> Result<(), ApiError> {
+        self.check(&addr.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), key_of))
     }
 }
 
@@ -103,13 +130,40 @@ pub(crate) async fn limit_by_ip(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
-    match auth.inner.limiter.check(addr) {
+    match auth.inner.limiter.check_addr(addr) {
         Ok(()) => next.run(request).await,
         Err(error) => {
             tracing::debug!(client.address = ?addr, "auth request rate-limited");
             error.into_response()
         }
     }
+}
+
+/// Middleware on the `/v1` command and query routes: counts every request that is not a
+/// `GET` against its user's command budget. Requests without a valid token pass through
+/// (their handler answers 401).
+pub(crate) async fn limit_commands_by_user(
+    State(auth): State<AuthState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.method() == axum::http::Method::GET {
+        return next.run(request).await;
+    }
+    let user = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|token| auth.keys().verify(token).ok())
+        .map(|claims| claims.sub);
+    if let Some(user) = user
+        && let Err(error) = auth.inner.command_limiter.check(&user)
+    {
+        tracing::debug!(user.id = %user, "command rate-limited");
+        return error.into_response();
+    }
+    next.run(request).await
 }
 
 #[cfg(test)]
@@ -121,9 +175,9 @@ mod tests {
         let limiter = IpLimiter::new(RateLimit::default());
         let addr = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
         for _ in 0..20 {
-            limiter.check(addr).unwrap();
+            limiter.check_addr(addr).unwrap();
         }
-        match limiter.check(addr) {
+        match limiter.check_addr(addr) {
             Err(ApiError::RateLimited { retry_after }) => {
                 assert!(retry_after.as_millis() <= 100, "{retry_after:?}");
             }
@@ -131,7 +185,7 @@ mod tests {
         }
         // Another address has its own budget.
         limiter
-            .check(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))))
+            .check_addr(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))))
             .unwrap();
     }
 
