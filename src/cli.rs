@@ -78,6 +78,11 @@ pub struct ServeArgs {
     /// The roles this process runs, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub roles: Vec<crate::app::Role>,
+    /// Answer runs with the project's Gemini double (replies are `echo: <message>`)
+    /// instead of Gemini: the whole loop without a key. Overrides GEMINI_BASE_URL and
+    /// GEMINI_API_KEYS.
+    #[arg(long)]
+    pub fake_gemini: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +172,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let mut settings = Settings::load(cli.config.as_deref())?;
             settings.require_external |= args.external;
+            // Held until the server stops.
+            let _fake = if args.fake_gemini {
+                let fake = colloquy_gemini_agent::fake::FakeGemini::start(
+                    colloquy_gemini_agent::fake::FakeConfig::default()
+                        .key("fake-key", "fake-project"),
+                )
+                .await
+                .context("Failed to start the Gemini double")?;
+                settings.gemini_base_url = fake.base_url();
+                settings.gemini_api_keys =
+                    Some(secrecy::SecretString::from("fake=fake-key@fake-project"));
+                Some(fake)
+            } else {
+                None
+            };
             let config = settings.validate()?;
             let _telemetry = telemetry::init(
                 config.settings.rust_log.as_deref(),
@@ -179,7 +199,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let app = Application::build_with_roles(config, None, roles).await?;
             let addr = app.local_addr();
-            println!("colloquy serving (external mode: Postgres + NATS) on http://{addr}");
+            let gemini = if args.fake_gemini {
+                "; runs answered by the Gemini double (fake replies)"
+            } else {
+                ""
+            };
+            println!("colloquy serving (external mode: Postgres + NATS) on http://{addr}{gemini}");
             let token = CancellationToken::new();
             shutdown::on_signal(token.clone());
             app.run_until_stopped(token).await

@@ -225,3 +225,97 @@ async fn dev_fake_gemini_serves_the_wire_format_and_knows_its_keys() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn serve_with_the_gemini_double_answers_a_run() {
+    use std::io::BufRead as _;
+    colloquy::install_crypto_provider();
+    let db = colloquy_testkit::TestDatabase::new().await;
+    let prefix = colloquy_testkit::unique_prefix();
+    let mut child = colloquy()
+        .args(["serve", "--fake-gemini"])
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", colloquy_testkit::nats_url())
+        .env("COLLOQUY_BIND", "127.0.0.1:0")
+        .env("COLLOQUY_SUBJECT_PREFIX", &prefix)
+        .env("COLLOQUY_STREAM", prefix.to_uppercase())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("Gemini double"), "labelled: {first}");
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    let client = reqwest::Client::new();
+    let post = |path: &str, token: Option<&str>, body: serde_json::Value| {
+        let mut request = client.post(format!("{base}{path}")).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let credentials =
+        serde_json::json!({"email": "try@example.com", "password": "a long enough password"});
+    assert_eq!(
+        post("/v1/auth/register", None, credentials.clone())
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let login: serde_json::Value = post("/v1/auth/login", None, credentials)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let created: serde_json::Value = post("/v1/conversations", Some(&token), serde_json::json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let sent: serde_json::Value = post(
+        &format!("/v1/conversations/{id}/messages"),
+        Some(&token),
+        serde_json::json!({"text": "ping", "run_agent": true}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let run = sent["run_id"].as_str().unwrap();
+    // Wait on the run's state, bounded.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let shown: serde_json::Value = client
+            .get(format!("{base}/v1/runs/{run}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if shown["status"] == "succeeded" || shown["status"] == "failed" {
+            break shown;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never ended: {shown}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(status["status"], "succeeded", "{status}");
+}
