@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
 use colloquy_domain::RunId;
 use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
+use colloquy_gateway::edges::Edges;
 use colloquy_gateway::{GatewayState, LiveHub, LiveSettings, Probe, ProbeResult};
 use colloquy_gemini_agent::backoff::RetrySchedule;
 use colloquy_gemini_agent::budget::{
@@ -26,6 +27,7 @@ use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig};
 use colloquy_gemini_agent::keys::KeyPool;
 use colloquy_gemini_agent::worker::{Agent, AgentSettings, DueRuns};
 use colloquy_projections::jetstream::FanOut;
+use colloquy_projections::runner::ProjectionLag;
 use colloquy_projections::{Runner, all_projections};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -63,6 +65,8 @@ pub struct Application {
     store: PgEventStore,
     nats: async_nats::Client,
     live: LiveHub,
+    /// The Gemini key pool, shared by the agent role and the gateway's admin view.
+    keys: Option<Arc<KeyPool>>,
 }
 
 impl Application {
@@ -145,13 +149,29 @@ impl Application {
                 ..LiveSettings::default()
             },
         );
-        let router = colloquy_gateway::router(GatewayState {
-            probes: Arc::new(probes),
-            auth,
-            commands,
-            pool: pool.clone(),
-            live: live.clone(),
-        });
+        // One pool per process: the agent spends from it and the admin view reads it, so
+        // both see the same budgets and key health.
+        let keys = if roles.contains(&Role::Agent) || roles.contains(&Role::Gateway) {
+            key_pool(&config, &nats).await?
+        } else {
+            None
+        };
+        let router = colloquy_gateway::router_with(
+            GatewayState {
+                probes: Arc::new(probes),
+                auth,
+                commands,
+                pool: pool.clone(),
+                live: live.clone(),
+                keys: keys.clone(),
+                rebuilds: colloquy_gateway::admin::Rebuilds::default(),
+            },
+            &Edges {
+                cors_origins: config.cors_origins.clone(),
+                ..Edges::default()
+            },
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(Self {
             listener,
             router,
@@ -161,6 +181,7 @@ impl Application {
             store,
             nats,
             live,
+            keys,
         })
     }
 
@@ -221,7 +242,7 @@ impl Application {
             }
         }
         if self.roles.contains(&Role::Agent) {
-            match self.agent(&jetstream).await {
+            match self.agent() {
                 Ok(agent) => {
                     let due: Arc<dyn DueRuns> = Arc::new(PgDueRuns(self.pool.clone()));
                     tasks.push(tokio::spawn(agent.run(Some(due), shutdown.clone())));
@@ -234,9 +255,8 @@ impl Application {
         tasks
     }
 
-    /// The agent role: the Gemini client, the key pool (budgets shared through a
-    /// JetStream key-value bucket, or in memory where the server cannot hold one).
-    async fn agent(&self, jetstream: &async_nats::jetstream::Context) -> anyhow::Result<Agent> {
+    /// The agent role: the Gemini client and the process's key pool.
+    fn agent(&self) -> anyhow::Result<Agent> {
         let settings = &self.config.settings;
         let client = GeminiClient::new(GeminiConfig {
             base_url: settings.gemini_base_url.clone(),
@@ -244,30 +264,10 @@ impl Application {
             ..GeminiConfig::default()
         })
         .context("GEMINI_BASE_URL / HTTPS_PROXY")?;
-        let pool_config = self.config.gemini_pool.clone();
-        let pool = if pool_config.keys.is_empty() {
+        let pool = self.keys.clone();
+        if pool.is_none() {
             tracing::warn!("no Gemini API keys configured: runs will fail saying so");
-            None
-        } else {
-            let bucket = format!("{}_budgets", settings.stream);
-            let store: Arc<dyn BudgetStore> = match KvBudgetStore::open(
-                jetstream,
-                KvBudgetConfig::new(bucket, settings.subject_prefix.clone()),
-            )
-            .await
-            {
-                Ok(store) => Arc::new(store),
-                Err(error) => {
-                    tracing::warn!(error = %error, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
-                    Arc::new(MemoryBudgetStore::new())
-                }
-            };
-            Some(Arc::new(KeyPool::new(
-                pool_config,
-                store,
-                Arc::new(SystemClock),
-            )?))
-        };
+        }
         let commands = colloquy_commands::Commands::new(
             Arc::new(self.store.clone()),
             colloquy_commands::cache::CacheConfig::default(),
@@ -328,6 +328,37 @@ impl Application {
         self.pool.close().await;
         Ok(())
     }
+}
+
+/// The Gemini key pool (`None` when no keys are configured), with its budgets shared
+/// through a JetStream key-value bucket, or kept in memory where the server cannot
+/// hold one.
+async fn key_pool(
+    config: &Config,
+    nats: &async_nats::Client,
+) -> anyhow::Result<Option<Arc<KeyPool>>> {
+    let pool_config = config.gemini_pool.clone();
+    if pool_config.keys.is_empty() {
+        return Ok(None);
+    }
+    let settings = &config.settings;
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let bucket = format!("{}_budgets", settings.stream);
+    let store: Arc<dyn BudgetStore> = match KvBudgetStore::open(
+        &jetstream,
+        KvBudgetConfig::new(bucket, settings.subject_prefix.clone()),
+    )
+    .await
+    {
+        Ok(store) => Arc::new(store),
+        Err(error) => {
+            tracing::warn!(error = %error, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
+            Arc::new(MemoryBudgetStore::new())
+        }
+    };
+    let pool = KeyPool::new(pool_config, store, Arc::new(SystemClock))
+        .context("Failed to set up the Gemini key pool (GEMINI_API_KEYS)")?;
+    Ok(Some(Arc::new(pool)))
 }
 
 /// The runs the agent's sweep looks at, from the runs read model.
@@ -414,13 +445,13 @@ impl Probe for ProjectionsProbe {
     async fn check(&self) -> ProbeResult {
         let mut detail = serde_json::Map::new();
         let mut late = Vec::new();
-        for projection in all_projections() {
-            let lag = colloquy_projections::runner::lag(&self.pool, projection.schema())
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "readiness: projection lag check failed");
-                    "cannot read projection checkpoints".to_owned()
-                })?;
+        let lags = colloquy_projections::runner::lags(&self.pool)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "readiness: projection lag check failed");
+                "cannot read projection checkpoints".to_owned()
+            })?;
+        for ProjectionLag { projection, lag } in lags {
             if lag.seconds > self.budget.as_secs_f64() {
                 late.push(projection.name());
             }

@@ -22,7 +22,9 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
         );
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
+        // A verify holds its scratch lock, its comparison transaction, a batch and a
+        // read at once.
+        .max_connections(5)
         .connect(url.expose_secret())
         .await
         .context("Failed to connect to Postgres (DATABASE_URL)")?;

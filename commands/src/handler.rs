@@ -312,6 +312,13 @@ impl Commands {
         self.load(&self.runs, &id.stream_name(), false).await
     }
 
+    /// Loads a run, catching the cached state up with the log first. For a reader
+    /// that acts on a state no append of its own would contradict: a dead letter
+    /// cached here may have been revived by another process.
+    pub async fn reload_run(&self, id: RunId) -> Result<Loaded<AgentRun>, CommandError> {
+        self.load(&self.runs, &id.stream_name(), true).await
+    }
+
     /// Erasure: redacts, in place, the text of every event the user wrote and of
     /// every event in the conversations they own (the assistant's replies echo
     /// them). Ids, types and positions stay; see docs/adr/0003.

@@ -75,6 +75,13 @@ pub enum DomainError {
         /// The command's name.
         command: &'static str,
     },
+    /// **409.** Only a dead letter (a run that failed because its retries ran
+    /// out) can be brought back by an operator; this run is not one.
+    #[error("the run is not a dead letter (it is {status})")]
+    NotADeadLetter {
+        /// The run's status.
+        status: RunStatus,
+    },
     /// **422.** A value broke a validation rule.
     #[error(transparent)]
     Validation(#[from] ValidationError),
@@ -95,7 +102,8 @@ impl DomainError {
             | Self::NothingToAnswer
             | Self::RunTerminal { .. }
             | Self::StaleAttempt { .. }
-            | Self::InvalidTransition { .. } => 409,
+            | Self::InvalidTransition { .. }
+            | Self::NotADeadLetter { .. } => 409,
         }
     }
 
@@ -116,6 +124,7 @@ impl DomainError {
             Self::RunTerminal { .. } => "run_terminal",
             Self::StaleAttempt { .. } => "stale_attempt",
             Self::InvalidTransition { .. } => "invalid_transition",
+            Self::NotADeadLetter { .. } => "not_a_dead_letter",
             Self::Validation(_) => "validation_failed",
         }
     }

@@ -11,6 +11,7 @@
 //! | [`CompleteRun`] | `MessageSent` (assistant), `RunClosed{succeeded}` | `RunCompleted` |
 //! | [`FailRun`] | `RunClosed{failed}` | `RunFailed` |
 //! | [`CancelRun`] | `RunClosed{cancelled}` | `RunCancelled` |
+//! | [`ReviveRun`] | `RunOpened` | `RunRetryScheduled` |
 //!
 //! Every function takes `(conversation, run, command)`, each state an
 //! `Option` (`None` = empty stream), so the command layer passes what it
@@ -28,6 +29,14 @@
 //!   an empty [`Decision`]: exactly one reply is ever recorded.
 //! * **The reply** is an [`AssistantText`] (up to 200,000 characters), not a
 //!   [`crate::text::MessageText`].
+//! * **A dead letter comes back through its conversation.** Reviving a run
+//!   (see [`crate::run`]) opens it again in its conversation, so the rule
+//!   "one active run per conversation" holds: it is refused while another
+//!   run is open. It is also refused once the conversation is archived:
+//!   archiving stops new work, and an answer nobody waits for is not worth
+//!   the tokens.
+
+use chrono::{DateTime, Utc};
 
 use crate::aggregate::Aggregate;
 use crate::conversation::{
@@ -119,6 +128,13 @@ pub struct CancelRun {
     pub by: UserId,
 }
 
+/// An operator brings a dead letter back for another attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviveRun {
+    /// Earliest time for the next attempt (usually now).
+    pub not_before: DateTime<Utc>,
+}
+
 /// Any cross-aggregate command, for callers that dispatch on one type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProcessCommand {
@@ -132,6 +148,8 @@ pub enum ProcessCommand {
     FailRun(FailRun),
     /// See [`CancelRun`].
     CancelRun(CancelRun),
+    /// See [`ReviveRun`].
+    ReviveRun(ReviveRun),
 }
 
 macro_rules! into_process_command {
@@ -148,7 +166,8 @@ into_process_command!(
     SendAndRequestRun,
     CompleteRun,
     FailRun,
-    CancelRun
+    CancelRun,
+    ReviveRun
 );
 
 /// Dispatches to the function for the command.
@@ -166,6 +185,7 @@ pub fn decide(
         ProcessCommand::CompleteRun(c) => complete_run(conversation, run, c),
         ProcessCommand::FailRun(c) => fail_run(conversation, run, c),
         ProcessCommand::CancelRun(c) => cancel_run(conversation, run, c),
+        ProcessCommand::ReviveRun(c) => revive_run(conversation, run, c),
     }
 }
 
@@ -397,11 +417,57 @@ pub fn cancel_run(
     })
 }
 
+/// Revives a dead letter: schedules its next attempt and opens it again in
+/// its conversation.
+///
+/// # Errors
+/// [`DomainError::NotFound`] (no run or conversation),
+/// [`DomainError::NotADeadLetter`], [`DomainError::Archived`],
+/// [`DomainError::RunAlreadyActive`] (another run is open in the
+/// conversation), [`DomainError::InvalidTransition`] (the run is not of this
+/// conversation).
+pub fn revive_run(
+    conversation: Option<&Conversation>,
+    run: Option<&AgentRun>,
+    command: ReviveRun,
+) -> Result<Decision, DomainError> {
+    let run_state = run.ok_or(DomainError::NotFound)?;
+    let run_events = AgentRun::decide(
+        run,
+        RunCommand::Revive {
+            not_before: command.not_before,
+        },
+    )?;
+    let conv = conversation.ok_or(DomainError::NotFound)?;
+    if conv.id() != run_state.conversation_id() {
+        return Err(DomainError::InvalidTransition {
+            status: run_state.status(),
+            command: "Revive",
+        });
+    }
+    if conv.is_archived() {
+        return Err(DomainError::Archived);
+    }
+    if let Some(active) = conv.open_run() {
+        return Err(DomainError::RunAlreadyActive { run_id: active });
+    }
+    Ok(Decision {
+        conversation: vec![
+            RunOpened {
+                run_id: run_state.id(),
+                prompt_message_id: run_state.prompt_message_id(),
+            }
+            .into(),
+        ],
+        run: run_events,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::run::{RunCompleted, RunStatus};
+    use crate::run::{DEAD_LETTER_PREFIX, REVIVED_REASON, RunCompleted, RunStatus};
     use crate::testing::fixtures::*;
     use crate::testing::given_streams;
 
@@ -786,5 +852,110 @@ mod tests {
         .then_error(DomainError::RunTerminal {
             status: RunStatus::Succeeded,
         });
+    }
+
+    // ---- revive
+
+    fn revive() -> ReviveRun {
+        ReviveRun { not_before: at(90) }
+    }
+
+    /// Run r1 after its retries ran out (two attempts).
+    fn dead_letter_run() -> Vec<RunEvent> {
+        vec![
+            run_requested(r(1), m(1)),
+            run_started(1),
+            run_retry_scheduled(1, at(60)),
+            run_started(2),
+            run_failed(&format!("{DEAD_LETTER_PREFIX} after 2 attempts: 500"), 2),
+        ]
+    }
+
+    /// The conversation after r1 failed and closed.
+    fn conversation_after_failure() -> Vec<ConversationEvent> {
+        let mut history = conversation_with_open_run();
+        history.push(run_closed(r(1), RunOutcome::Failed));
+        history
+    }
+
+    #[test]
+    fn reviving_a_dead_letter_reopens_it_in_its_conversation() {
+        given_streams(conversation_after_failure(), dead_letter_run())
+            .when(revive())
+            .then(
+                [run_opened(r(1), m(1))],
+                [run_retry_scheduled_because(2, REVIVED_REASON, at(90))],
+            );
+    }
+
+    #[test]
+    fn a_revived_run_can_complete_and_close_again() {
+        let mut conversation = conversation_after_failure();
+        conversation.push(run_opened(r(1), m(1)));
+        let mut run = dead_letter_run();
+        run.extend([
+            run_retry_scheduled_because(2, REVIVED_REASON, at(90)),
+            run_started(3),
+        ]);
+        given_streams(conversation, run).when(complete(3)).then(
+            [
+                assistant_message(m(2), r(1), m(1)),
+                run_closed(r(1), RunOutcome::Succeeded),
+            ],
+            [run_completed(3, m(2))],
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_is_not_revived_while_another_run_is_open() {
+        let mut history = conversation_after_failure();
+        history.push(run_opened(r(2), m(1)));
+        given_streams(history, dead_letter_run())
+            .when(revive())
+            .then_error(DomainError::RunAlreadyActive { run_id: r(2) });
+    }
+
+    #[test]
+    fn a_dead_letter_in_an_archived_conversation_stays_failed() {
+        let mut history = conversation_after_failure();
+        history.push(archived());
+        given_streams(history, dead_letter_run())
+            .when(revive())
+            .then_error(DomainError::Archived);
+    }
+
+    #[test]
+    fn a_run_that_failed_for_another_reason_is_not_revived() {
+        given_streams(
+            conversation_after_failure(),
+            [
+                run_requested(r(1), m(1)),
+                run_started(1),
+                run_failed("the prompt was blocked", 1),
+            ],
+        )
+        .when(revive())
+        .then_error(DomainError::NotADeadLetter {
+            status: RunStatus::Failed,
+        });
+    }
+
+    #[test]
+    fn a_live_run_is_not_revived() {
+        given_streams(
+            conversation_with_open_run(),
+            [run_requested(r(1), m(1)), run_started(1)],
+        )
+        .when(revive())
+        .then_error(DomainError::NotADeadLetter {
+            status: RunStatus::Running,
+        });
+    }
+
+    #[test]
+    fn reviving_a_run_that_does_not_exist_is_not_found() {
+        given_streams(conversation_after_failure(), [])
+            .when(revive())
+            .then_error(DomainError::NotFound);
     }
 }

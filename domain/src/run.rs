@@ -10,6 +10,7 @@
 //!   retrying ◀──────────┘  └── retrying ── Start(n+1) ──▶ running …
 //!
 //!   Fail: any non-terminal ──▶ failed      Cancel: any non-terminal ──▶ cancelled
+//!   Revive: failed as a dead letter ──▶ retrying (same attempt; Start(n+1) next)
 //! ```
 //!
 //! Attempts count from 1. `Start` must name the next attempt (current + 1);
@@ -17,17 +18,25 @@
 //! current attempt, so an agent that lost its attempt (killed mid-call, then
 //! retried elsewhere) gets [`DomainError::StaleAttempt`] and records nothing.
 //!
-//! Nothing leaves a terminal state ([`DomainError::RunTerminal`]), with one
-//! exception: a `Complete` that repeats the recorded completion (same attempt,
-//! same reply message id) is accepted with no events, so an agent that
-//! crashed after appending its completion but before acknowledging the
-//! request can safely complete again — exactly one completion is ever
-//! recorded.
+//! Nothing leaves a terminal state ([`DomainError::RunTerminal`]), with two
+//! exceptions:
 //!
-//! `Complete`, `Fail` and `Cancel` also close the run in its conversation; the
-//! command layer should go through [`crate::process`], which decides both
-//! halves for one atomic multi-stream append. The commands here are the run's
-//! half.
+//! * a `Complete` that repeats the recorded completion (same attempt, same
+//!   reply message id) is accepted with no events, so an agent that crashed
+//!   after appending its completion but before acknowledging the request can
+//!   safely complete again — exactly one completion is ever recorded;
+//! * a **dead letter** — a run that failed because the agent's retry schedule
+//!   ran out (its reason starts with [`DEAD_LETTER_PREFIX`]) — can be revived
+//!   by an operator once the cause is fixed (a key replaced, an outage over).
+//!   `Revive` records a `RunRetryScheduled` for the current attempt, so the
+//!   run is `retrying` again and the agent's sweep starts attempt n + 1. Any
+//!   other failure is a verdict about the request itself (a blocked prompt, no
+//!   keys configured) and stays final.
+//!
+//! `Complete`, `Fail`, `Cancel` and `Revive` also close or reopen the run in
+//! its conversation; the command layer should go through [`crate::process`],
+//! which decides both halves for one atomic multi-stream append. The commands
+//! here are the run's half.
 //!
 //! Event JSON (camelCase):
 //!
@@ -51,6 +60,14 @@ use crate::error::DomainError;
 use crate::event::domain_event_enum;
 use crate::ids::{ConversationId, MessageId, RUN_CATEGORY, RunId, UserId};
 use crate::text::{Rule, ValidationError};
+
+/// The start of a dead letter's failure reason. The agent writes it when a
+/// run's retry schedule is used up; it is defined here because the rule that
+/// reads it — only a dead letter may be revived — is the domain's.
+pub const DEAD_LETTER_PREFIX: &str = "retries exhausted";
+
+/// The reason recorded on the `RunRetryScheduled` that revives a dead letter.
+pub const REVIVED_REASON: &str = "retried by an operator";
 
 // ---------------------------------------------------------------- events --
 
@@ -256,6 +273,13 @@ pub enum RunCommand {
         /// The acting user.
         by: UserId,
     },
+    /// Bring a dead letter back (an operator's decision): the run's half of
+    /// [`crate::process::revive_run`]. Only from `failed` with a dead-letter
+    /// reason; anything else is [`DomainError::NotADeadLetter`].
+    Revive {
+        /// Earliest time for the next attempt (usually now).
+        not_before: DateTime<Utc>,
+    },
 }
 
 impl RunCommand {
@@ -269,6 +293,7 @@ impl RunCommand {
             Self::Complete { .. } => "Complete",
             Self::Fail { .. } => "Fail",
             Self::Cancel { .. } => "Cancel",
+            Self::Revive { .. } => "Revive",
         }
     }
 }
@@ -333,6 +358,8 @@ pub struct AgentRun {
     attempt: u32,
     not_before: Option<DateTime<Utc>>,
     completion: Option<(u32, MessageId)>,
+    /// Failed because its retries ran out (and not revived since).
+    dead_letter: bool,
 }
 
 impl AgentRun {
@@ -382,6 +409,13 @@ impl AgentRun {
     #[must_use]
     pub const fn not_before(&self) -> Option<DateTime<Utc>> {
         self.not_before
+    }
+
+    /// Whether the run is a dead letter: failed because its retry schedule
+    /// ran out, and not revived since.
+    #[must_use]
+    pub const fn is_dead_letter(&self) -> bool {
+        self.dead_letter
     }
 
     /// The reply message, once succeeded.
@@ -585,6 +619,17 @@ impl Aggregate for AgentRun {
                 run.terminal_error()?;
                 RunCancelled { by }.into()
             }
+            RunCommand::Revive { not_before } => {
+                if !run.dead_letter {
+                    return Err(DomainError::NotADeadLetter { status: run.status });
+                }
+                RunRetryScheduled {
+                    attempt: run.attempt,
+                    reason: REVIVED_REASON.to_owned(),
+                    not_before,
+                }
+                .into()
+            }
         };
         Ok(vec![event])
     }
@@ -601,11 +646,20 @@ impl Aggregate for AgentRun {
                     attempt: 0,
                     not_before: None,
                     completion: None,
+                    dead_letter: false,
                 }),
                 _ => None,
             };
         };
         if run.status.is_terminal() {
+            // The one way out of a terminal state: a dead letter revived.
+            if let RunEvent::RunRetryScheduled(e) = event
+                && run.dead_letter
+            {
+                run.status = RunStatus::RetryScheduled;
+                run.not_before = Some(e.not_before);
+                run.dead_letter = false;
+            }
             return Some(run);
         }
         match event {
@@ -624,9 +678,10 @@ impl Aggregate for AgentRun {
                 run.completion = Some((e.attempt, e.reply_message_id));
                 run.not_before = None;
             }
-            RunEvent::RunFailed(_) => {
+            RunEvent::RunFailed(e) => {
                 run.status = RunStatus::Failed;
                 run.not_before = None;
+                run.dead_letter = e.reason.starts_with(DEAD_LETTER_PREFIX);
             }
             RunEvent::RunCancelled(_) => {
                 run.status = RunStatus::Cancelled;
@@ -969,6 +1024,95 @@ mod tests {
         given(running(1))
             .when(RunCommand::Cancel { by: stranger() })
             .then_error(DomainError::NotOwner);
+    }
+
+    // ---- revive
+
+    fn dead_letter_reason(attempts: u32) -> String {
+        format!("{DEAD_LETTER_PREFIX} after {attempts} attempts: 500 from model")
+    }
+
+    /// A run whose retries ran out after `attempts` attempts.
+    fn dead_letter(attempts: u32) -> Vec<RunEvent> {
+        let mut events = running(attempts);
+        events.push(run_failed(&dead_letter_reason(attempts), attempts));
+        events
+    }
+
+    fn revive() -> RunCommand {
+        RunCommand::Revive { not_before: at(90) }
+    }
+
+    fn revived(attempts: u32) -> Vec<RunEvent> {
+        let mut events = dead_letter(attempts);
+        events.push(run_retry_scheduled_because(
+            attempts,
+            REVIVED_REASON,
+            at(90),
+        ));
+        events
+    }
+
+    #[test]
+    fn an_operator_can_revive_a_dead_letter() {
+        given(dead_letter(3))
+            .when(revive())
+            .then([run_retry_scheduled_because(3, REVIVED_REASON, at(90))]);
+    }
+
+    #[test]
+    fn a_revived_run_is_retrying_and_starts_its_next_attempt() {
+        let run = AgentRun::fold(&revived(3)).unwrap();
+        assert_eq!(run.status(), RunStatus::RetryScheduled);
+        assert_eq!(run.attempt(), 3);
+        assert_eq!(run.not_before(), Some(at(90)));
+        assert!(!run.is_dead_letter());
+        given(revived(3)).when(start(4)).then([run_started(4)]);
+    }
+
+    #[test]
+    fn a_revived_run_that_runs_out_again_can_be_revived_again() {
+        let mut history = revived(1);
+        history.push(run_started(2));
+        history.push(run_failed(&dead_letter_reason(2), 2));
+        assert!(AgentRun::fold(&history).unwrap().is_dead_letter());
+        given(history)
+            .when(revive())
+            .then([run_retry_scheduled_because(2, REVIVED_REASON, at(90))]);
+    }
+
+    #[test]
+    fn a_run_that_failed_for_another_reason_cannot_be_revived() {
+        let mut history = running(1);
+        history.push(run_failed("the prompt was blocked", 1));
+        assert!(!AgentRun::fold(&history).unwrap().is_dead_letter());
+        // Even a stray retry event in the log does not bring it back.
+        let mut stray = history.clone();
+        stray.push(run_retry_scheduled(1, at(90)));
+        assert_eq!(AgentRun::fold(&stray).unwrap().status(), RunStatus::Failed);
+        given(history)
+            .when(revive())
+            .then_error(DomainError::NotADeadLetter {
+                status: RunStatus::Failed,
+            });
+    }
+
+    #[test]
+    fn only_a_dead_letter_can_be_revived() {
+        let mut cancelled = queued();
+        cancelled.push(run_cancelled(owner()));
+        for (status, history) in [
+            (RunStatus::Queued, queued()),
+            (RunStatus::Running, running(1)),
+            (RunStatus::RetryScheduled, retrying(1)),
+            (RunStatus::RetryScheduled, revived(2)),
+            (RunStatus::Succeeded, completed_events(1)),
+            (RunStatus::Cancelled, cancelled),
+        ] {
+            given(history)
+                .when(revive())
+                .then_error(DomainError::NotADeadLetter { status });
+        }
     }
 
     // ---- terminal

@@ -121,7 +121,7 @@ pub enum ApiError {
 }
 
 /// One field's problem, in a 422's `errors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// The field's path in the body (`email`, `items[0].text`), or `body` for the
     /// body as a whole.
@@ -138,16 +138,29 @@ impl FieldError {
     }
 }
 
-/// An RFC 9457 problem details body.
-#[derive(Debug, Clone, Serialize)]
+/// An RFC 9457 problem details body: the body of every error response
+/// (`application/problem+json`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// Always `about:blank`: the status and `code` say what happened.
     #[serde(rename = "type")]
+    #[schema(value_type = String, example = "about:blank")]
     pub kind: &'static str,
+    /// The status's reason phrase.
+    #[schema(value_type = String, example = "Not Found")]
     pub title: &'static str,
+    /// The HTTP status, repeated.
+    #[schema(example = 404)]
     pub status: u16,
+    /// What went wrong, for people.
     pub detail: String,
+    /// What went wrong, for programs: stable (`not_found`, `validation_failed`,
+    /// `email_taken`, `run_already_active`, `rate_limited`, …).
+    #[schema(value_type = String, example = "not_found")]
     pub code: &'static str,
+    /// The request's `X-Request-Id`, to quote when reporting a problem.
     pub request_id: Option<String>,
+    /// 422 `validation_failed` only: each field at fault.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,
 }

@@ -1,16 +1,19 @@
 //! Liveness and readiness. `/healthz` answers as long as the process serves HTTP;
 //! `/readyz` checks every dependency concurrently, each with a time limit, and answers
-//! 503 with per-dependency detail when one is down.
+//! 503 with per-dependency detail when one is down. Both need no token.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::GatewayState;
 
@@ -34,15 +37,70 @@ impl std::fmt::Debug for dyn Probe {
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) fn routes() -> Router<GatewayState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    api().split_for_parts().0
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "alive" }))
+/// The routes of this module with their OpenAPI descriptions.
+pub(crate) fn api() -> OpenApiRouter<GatewayState> {
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(healthz))
+        .routes(utoipa_axum::routes!(readyz))
 }
 
+/// The process serves HTTP.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Alive {
+    #[schema(value_type = String, pattern = "^alive$")]
+    status: &'static str,
+}
+
+/// Every dependency's state.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Readiness {
+    #[schema(value_type = String, pattern = "^(ready|not_ready)$")]
+    status: &'static str,
+    /// By dependency (`postgres`, `nats`, `projections`, …).
+    checks: BTreeMap<&'static str, DependencyCheck>,
+}
+
+/// One dependency's probe.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DependencyCheck {
+    #[schema(value_type = String, pattern = "^(up|down)$")]
+    status: &'static str,
+    latency_ms: u64,
+    /// Why it is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// What the probe adds when up (a server version, a checkpoint and lag, …).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    detail: Map<String, Value>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process is alive", body = Alive))
+)]
+async fn healthz() -> Json<Alive> {
+    Json(Alive { status: "alive" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    description = "Checks every dependency concurrently (Postgres, NATS, the projections' lag), \
+                   each within 2 s.",
+    responses(
+        (status = 200, description = "Every dependency is up", body = Readiness),
+        (status = 503, description = "A dependency is down (`status: not_ready`; see `checks`)", body = Readiness),
+    )
+)]
 async fn readyz(State(state): State<GatewayState>) -> Response {
     let checks = futures::future::join_all(state.probes.iter().map(|probe| async move {
         let started = Instant::now();
@@ -54,31 +112,45 @@ async fn readyz(State(state): State<GatewayState>) -> Response {
     }))
     .await;
     let mut ready = true;
-    let mut detail = Map::new();
-    for (name, result, elapsed_ms) in checks {
+    let mut detail = BTreeMap::new();
+    for (name, result, latency_ms) in checks {
         let entry = match result {
             Ok(extra) => {
-                let mut entry = json!({ "status": "up", "latency_ms": elapsed_ms });
-                if let (Some(obj), Value::Object(extra)) = (entry.as_object_mut(), extra) {
-                    obj.extend(extra);
+                let mut detail = match extra {
+                    Value::Object(extra) => extra,
+                    _ => Map::new(),
+                };
+                // The fixed fields win over a probe's detail of the same name.
+                for fixed in ["status", "latency_ms", "error"] {
+                    detail.remove(fixed);
                 }
-                entry
+                DependencyCheck {
+                    status: "up",
+                    latency_ms,
+                    error: None,
+                    detail,
+                }
             }
             Err(error) => {
                 ready = false;
-                json!({ "status": "down", "error": error, "latency_ms": elapsed_ms })
+                DependencyCheck {
+                    status: "down",
+                    latency_ms,
+                    error: Some(error),
+                    detail: Map::new(),
+                }
             }
         };
-        detail.insert(name.to_owned(), entry);
+        detail.insert(name, entry);
     }
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": detail,
-    });
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        checks: detail,
+    };
     (status, Json(body)).into_response()
 }

@@ -8,11 +8,15 @@
 //!   [`AuthUser`] extractor for every `/v1` route.
 //! - [`live`]: the SSE streams, fed by one [`LiveHub`] per process.
 //! - [`error`]: [`ApiError`] (problem+json) and the [`ApiJson`] body extractor.
+//! - [`admin`]: the operators' routes under `/v1/admin` (admin role only).
 
+pub mod admin;
 pub mod auth;
+pub mod edges;
 pub mod error;
 pub mod health;
 pub mod live;
+pub mod openapi;
 pub mod routes;
 
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use std::sync::Arc;
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
-pub use auth::{AuthState, AuthUser};
+pub use auth::{AdminUser, AuthState, AuthUser};
 pub use error::{ApiError, ApiJson};
 pub use health::{Probe, ProbeResult};
 pub use live::{LiveHub, LiveSettings};
@@ -38,14 +42,28 @@ pub struct GatewayState {
     pub pool: sqlx::PgPool,
     /// The live feed (SSE).
     pub live: LiveHub,
+    /// The agent's key pool, for the admin view (`None`: no keys configured). The same
+    /// pool the agent in this process spends from.
+    pub keys: Option<Arc<colloquy_gemini_agent::keys::KeyPool>>,
+    /// Read-model rebuilds started through the admin routes.
+    pub rebuilds: admin::Rebuilds,
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface, with the default edges (no CORS, a 30 s request timeout).
 ///
 /// Every response carries an `X-Request-Id` (the client's, or a new UUID), and every
 /// error body names it; unknown paths and methods are problem+json 404 and 405.
 pub fn router(state: GatewayState) -> Router {
-    Router::new()
+    router_with(state, &edges::Edges::default()).expect("BUG: the default edges are valid")
+}
+
+/// The whole HTTP surface with `edges` (CORS origins, request timeout).
+///
+/// # Errors
+/// An invalid CORS origin, naming the setting.
+pub fn router_with(state: GatewayState, edges: &edges::Edges) -> Result<Router, String> {
+    let timeout = edges.request_timeout;
+    let router = Router::new()
         .merge(health::routes())
         .merge(auth::routes(&state.auth))
         .merge(
@@ -55,13 +73,19 @@ pub fn router(state: GatewayState) -> Router {
             )),
         )
         .merge(live::routes())
+        .merge(admin::routes())
+        .merge(openapi::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |request, next| {
+            edges::bounded(timeout, request, next)
+        }))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(axum::middleware::from_fn(error::problem_request_id)),
-        )
+        );
+    edges::apply(router, edges)
 }

@@ -45,8 +45,9 @@ use crate::keys::{AcquireError, KeyPool, Outcome, QuotaLimit};
 pub const NO_KEYS: &str = "no Gemini API keys configured";
 /// The most conversation events read for a context.
 const MAX_CONVERSATION_EVENTS: usize = 100_000;
-/// The prefix of a dead letter's failure reason.
-pub const DEAD_LETTER_PREFIX: &str = "retries exhausted";
+/// The prefix of a dead letter's failure reason (the domain owns it: only a dead
+/// letter may be revived).
+pub use colloquy_domain::run::DEAD_LETTER_PREFIX;
 
 /// The agent's settings.
 #[derive(Debug, Clone)]
@@ -393,7 +394,12 @@ impl Agent {
     #[tracing::instrument(skip(self), fields(run.id = %run))]
     pub async fn handle(&self, run: RunId, trigger: Trigger) -> Result<Handled, AgentError> {
         let commands = &self.inner.commands;
-        let loaded = commands.load_run(run).await?;
+        let mut loaded = commands.load_run(run).await?;
+        if loaded.state.as_ref().is_some_and(AgentRun::is_dead_letter) {
+            // The one settled state that can change: an operator may have revived it
+            // since this process cached it (the sweep brings revived runs here).
+            loaded = commands.reload_run(run).await?;
+        }
         let Some(state) = loaded.state else {
             return Ok(Handled::Skipped("no such run"));
         };

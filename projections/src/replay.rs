@@ -5,17 +5,82 @@
 //! live runner for a moment), applies the tail and swaps the schemas with two renames
 //! in one transaction. The checkpoint lives in the schema, so it swaps with the tables:
 //! the live runner continues from the rebuilt checkpoint with no gap and no duplicate.
+//!
+//! One scratch schema serves one rebuild (or verify) at a time: each holds a session
+//! advisory lock on its scratch schema's name for as long as it runs, so a second one
+//! — from the CLI or the admin API, in this process or another — is refused with
+//! [`AlreadyRunning`] instead of dropping the first one's tables under it.
 
 use std::sync::Arc;
 
 use colloquy_eventstore::{EventStore, GlobalPosition, LogFilter};
-use sqlx::{AssertSqlSafe, PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row};
 
 use crate::projection::Projection;
 use crate::runner::{BATCH, apply_batch, read_checkpoint};
 
 /// Progress callback: (position reached, head when the rebuild started).
 pub type Progress<'a> = &'a (dyn Fn(GlobalPosition, GlobalPosition) + Send + Sync);
+
+/// A rebuild or verify of this projection is already running (somewhere).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a rebuild or verify of {projection} is already running")]
+pub struct AlreadyRunning {
+    /// The projection's name.
+    pub projection: &'static str,
+}
+
+/// The first key of the advisory locks on scratch schemas (the second is the hash of
+/// the scratch schema's name); a constant of its own keeps them apart from the
+/// single-key locks the runners take.
+const SCRATCH_LOCK: i32 = 0x636F_6C71;
+
+/// The scratch schema a rebuild of `projection` fills.
+fn rebuild_scratch(projection: &dyn Projection) -> String {
+    format!("{}__rebuild", projection.schema())
+}
+
+/// Takes the scratch schema's lock, or fails with [`AlreadyRunning`]. The lock lives
+/// as long as the returned connection, which is closed (not returned to the pool) when
+/// dropped: ending the session releases the lock however the rebuild ends, even when
+/// its task is cancelled.
+async fn lock_scratch(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    scratch: &str,
+) -> anyhow::Result<PoolConnection<Postgres>> {
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(SCRATCH_LOCK)
+        .bind(scratch)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Err(AlreadyRunning {
+            projection: projection.name(),
+        }
+        .into());
+    }
+    Ok(conn)
+}
+
+/// Whether a rebuild of `projection` is running now, in any process connected to
+/// this database (its scratch lock is held).
+pub async fn is_rebuilding(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM pg_locks
+              WHERE locktype = 'advisory' AND granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND classid = $1::int4::oid AND objid = hashtext($2)::oid AND objsubid = 2)",
+    )
+    .bind(SCRATCH_LOCK)
+    .bind(rebuild_scratch(projection))
+    .fetch_one(pool)
+    .await?)
+}
 
 async fn create_scratch(
     pool: &PgPool,
@@ -73,6 +138,10 @@ async fn fill(
 
 /// Rebuilds `projection` from the log and swaps the result in. Returns the position
 /// the swapped-in read model has reached.
+///
+/// # Errors
+/// [`AlreadyRunning`] (inside the `anyhow::Error`) when another rebuild of the
+/// projection holds its scratch schema; otherwise database and log failures.
 pub async fn rebuild(
     pool: &PgPool,
     store: &Arc<dyn EventStore>,
@@ -80,7 +149,8 @@ pub async fn rebuild(
     progress: Progress<'_>,
 ) -> anyhow::Result<GlobalPosition> {
     let live = projection.schema();
-    let scratch = format!("{live}__rebuild");
+    let scratch = rebuild_scratch(projection);
+    let _lock = lock_scratch(pool, projection, &scratch).await?;
     create_scratch(pool, projection, &scratch).await?;
     let head = store.head().await?;
     fill(pool, store, projection, &scratch, head, progress).await?;
@@ -139,6 +209,7 @@ pub async fn verify(
 ) -> anyhow::Result<Vec<Difference>> {
     let live = projection.schema();
     let scratch = format!("{live}__verify");
+    let _lock = lock_scratch(pool, projection, &scratch).await?;
     create_scratch(pool, projection, &scratch).await?;
     let target = read_checkpoint(pool, live).await?;
     fill(pool, store, projection, &scratch, target, progress).await?;

@@ -210,6 +210,24 @@ pub struct Lag {
     pub seconds: f64,
 }
 
+/// One projection and its lag.
+#[derive(Debug, Clone)]
+pub struct ProjectionLag {
+    pub projection: Arc<dyn Projection>,
+    pub lag: Lag,
+}
+
+/// Every projection's lag, in [`crate::all_projections`] order: the one reading that
+/// readiness (`/readyz`, against its budget) and the admin view both report.
+pub async fn lags(pool: &PgPool) -> anyhow::Result<Vec<ProjectionLag>> {
+    let mut lags = Vec::new();
+    for projection in crate::all_projections() {
+        let lag = lag(pool, projection.schema()).await?;
+        lags.push(ProjectionLag { projection, lag });
+    }
+    Ok(lags)
+}
+
 /// The lag of the projection whose tables live in `schema`.
 pub async fn lag(pool: &PgPool, schema: &str) -> anyhow::Result<Lag> {
     let checkpoint = read_checkpoint(pool, schema).await?;

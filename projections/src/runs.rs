@@ -70,8 +70,11 @@ impl Projection for Runs {
             .bind(gp)
             .bind(p.stage.clone())
             .bind(i16::from(p.percent)),
+            // After `failed` this is a dead letter revived: the run is live again, so
+            // it has no finish time until it finishes anew.
             RunEvent::RunRetryScheduled(r) => sqlx::query(
-                "UPDATE runs SET status = 'retrying', error = $3, not_before = $4, stage = NULL, position = $2
+                "UPDATE runs SET status = 'retrying', error = $3, not_before = $4, stage = NULL,
+                        finished_at = NULL, position = $2
                   WHERE id = $1",
             )
             .bind(run)

@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use colloquy_commands::cache::CacheConfig;
 use colloquy_commands::{Commands, Context};
-use colloquy_domain::process::{CompleteRun, ProcessCommand, SendAndRequestRun};
-use colloquy_domain::run::Usage;
+use colloquy_domain::process::{
+    CompleteRun, FailRun, ProcessCommand, ReviveRun, SendAndRequestRun,
+};
+use colloquy_domain::run::{DEAD_LETTER_PREFIX, REVIVED_REASON, Usage};
 use colloquy_domain::{
     AssistantText, ConversationCommand, ConversationId, MessageId, MessageText, RunCommand, RunId,
     Title, UserId,
 };
 use colloquy_eventstore::{EventStore, LogFilter, PgEventStore, PgOptions};
-use colloquy_projections::replay::{rebuild, verify};
+use colloquy_projections::replay::{AlreadyRunning, is_rebuilding, rebuild, verify};
 use colloquy_projections::runner::{apply_batch, read_checkpoint};
 use colloquy_projections::search::search;
 use colloquy_projections::wait::wait_for_position;
@@ -612,4 +614,133 @@ async fn the_batch_fold_equals_applying_events_one_by_one() {
         dump(&w.pool, "rm_messages_small_batches").await,
         dump(&w.pool, "rm_messages").await
     );
+}
+
+/// A dead letter revived by an operator is live again in the runs read model: retrying,
+/// with the operator's reason and no finish time; a replay gives the same row.
+#[tokio::test]
+async fn a_revived_dead_letter_is_retrying_again_with_no_finish_time() {
+    let w = world().await;
+    let id = start(&w, w.owner, "Revived").await;
+    let run = RunId::from_uuid(Uuid::new_v4());
+    let ctx = Context::new(w.owner);
+    w.commands
+        .process(
+            id,
+            run,
+            ProcessCommand::SendAndRequestRun(SendAndRequestRun {
+                message_id: MessageId::from_uuid(Uuid::new_v4()),
+                by: w.owner,
+                text: MessageText::parse("anyone?".into()).unwrap(),
+                run_id: run,
+                model: None,
+                instructions: None,
+            }),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    w.commands
+        .run(
+            run,
+            RunCommand::Start {
+                attempt: 1,
+                key_label: "main".into(),
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    w.commands
+        .process(
+            id,
+            run,
+            ProcessCommand::FailRun(FailRun {
+                reason: format!("{DEAD_LETTER_PREFIX} after 1 attempts: 500"),
+            }),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    catch_up_all(&w).await;
+    let row = |pool: PgPool| async move {
+        sqlx::query_as::<_, (String, Option<String>, bool, i32)>(
+            "SELECT status, error, finished_at IS NOT NULL, attempts FROM rm_runs.runs WHERE id = $1",
+        )
+        .bind(run.as_uuid())
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let (status, _, finished, _) = row(w.pool.clone()).await;
+    assert_eq!((status.as_str(), finished), ("failed", true));
+
+    w.commands
+        .process(
+            id,
+            run,
+            ProcessCommand::ReviveRun(ReviveRun {
+                not_before: chrono::Utc::now(),
+            }),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    catch_up_all(&w).await;
+    let revived = row(w.pool.clone()).await;
+    assert_eq!(
+        revived,
+        ("retrying".into(), Some(REVIVED_REASON.into()), false, 1)
+    );
+    let runs = by_name("runs").unwrap();
+    rebuild(&w.pool, &w.store, runs.as_ref(), &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(row(w.pool.clone()).await, revived, "a replay agrees");
+}
+
+/// Two rebuilds of one projection never share its scratch schema: while one runs (held
+/// here at its swap, which waits for the projection's lock), a second is refused and
+/// the first is reported as running; once it finishes, it is not.
+#[tokio::test]
+async fn a_second_rebuild_is_refused_while_the_first_runs() {
+    let w = world().await;
+    workload(&w).await;
+    catch_up_all(&w).await;
+    let runs = by_name("runs").unwrap();
+    assert!(!is_rebuilding(&w.pool, runs.as_ref()).await.unwrap());
+
+    // The live runners' lock: the first rebuild fills its copy, then waits at the swap.
+    let mut holder = w.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('rm_runs'))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let first = {
+        let (pool, store, runs) = (w.pool.clone(), Arc::clone(&w.store), Arc::clone(&runs));
+        tokio::spawn(async move { rebuild(&pool, &store, runs.as_ref(), &|_, _| {}).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !is_rebuilding(&w.pool, runs.as_ref()).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first rebuild never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = rebuild(&w.pool, &w.store, runs.as_ref(), &|_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        second.downcast_ref::<AlreadyRunning>(),
+        Some(&AlreadyRunning { projection: "runs" })
+    );
+
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('rm_runs'))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let reached = first.await.unwrap().unwrap();
+    assert_eq!(reached, w.store.head().await.unwrap());
+    assert!(!is_rebuilding(&w.pool, runs.as_ref()).await.unwrap());
 }

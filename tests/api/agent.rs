@@ -4,29 +4,22 @@
 //! not retried, retries within an attempt, another project after a 429, cancellation,
 //! no keys, and a redelivered request after completion.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use colloquy::Role as ProcessRole;
 use colloquy::app::PgDueRuns;
-use colloquy_commands::Commands;
-use colloquy_commands::cache::CacheConfig;
 use colloquy_domain::RunId;
-use colloquy_eventstore::{PgEventStore, PgOptions};
 use colloquy_gemini_agent::backoff::{Backoff, RetrySchedule};
-use colloquy_gemini_agent::budget::MemoryBudgetStore;
-use colloquy_gemini_agent::clock::SystemClock;
 use colloquy_gemini_agent::fake::RandomFaults;
 use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault, ReplyShape};
-use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig, Role};
-use colloquy_gemini_agent::keys::{KeyPool, PoolConfig, PoolKey};
-use colloquy_gemini_agent::worker::{Agent, AgentSettings, DEAD_LETTER_PREFIX, Handled, Trigger};
+use colloquy_gemini_agent::gemini::Role;
+use colloquy_gemini_agent::worker::{AgentSettings, DEAD_LETTER_PREFIX, Handled, Trigger};
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::Value;
 
 use crate::helpers::{
-    SseEvent, SseReader, TestApp, TestUser, spawn_app_with, spawn_app_with_roles,
+    SseEvent, SseReader, TestApp, TestUser, agent_for, app_without_agent, queued_run, run_status,
+    spawn_app_with,
 };
 
 /// The application with its agent pointed at `fake`, holding `keys`
@@ -71,85 +64,6 @@ async fn outcome(events: &mut SseReader) -> (SseEvent, Vec<SseEvent>) {
         seen.push(event);
     }
     panic!("the run stream ended without an outcome: {seen:?}");
-}
-
-/// An agent of the test's own, beside the application's (or instead of it), with the
-/// fake's key `fake-key-1@proj-a` and `settings` (prefix and stream are the app's).
-async fn agent_for(app: &TestApp, fake: &FakeGemini, settings: AgentSettings) -> Agent {
-    let store = PgEventStore::with_pool(app.db.pool().await, PgOptions::default());
-    let pool = KeyPool::new(
-        PoolConfig::new(vec![PoolKey::new("main", "fake-key-1", "proj-a")]),
-        Arc::new(MemoryBudgetStore::new()),
-        Arc::new(SystemClock),
-    )
-    .unwrap();
-    Agent::new(
-        Commands::new(Arc::new(store), CacheConfig::default()),
-        GeminiClient::new(GeminiConfig {
-            base_url: fake.base_url(),
-            ..GeminiConfig::default()
-        })
-        .unwrap(),
-        Some(Arc::new(pool)),
-        async_nats::connect(colloquy_testkit::nats_url())
-            .await
-            .unwrap(),
-        AgentSettings {
-            prefix: app.prefix.clone(),
-            stream: app.prefix.to_uppercase(),
-            ..settings
-        },
-    )
-}
-
-/// The application without its agent: runs stay queued until a test's agent acts.
-async fn app_without_agent() -> TestApp {
-    spawn_app_with_roles(
-        [
-            ProcessRole::Gateway,
-            ProcessRole::Relay,
-            ProcessRole::Projector,
-        ]
-        .into_iter()
-        .collect(),
-    )
-    .await
-}
-
-/// A queued run (its request applied to the runs read model); returns its id.
-async fn queued_run(app: &TestApp, user: &TestUser) -> RunId {
-    let conversation = app.create_conversation(user).await;
-    let sent = app
-        .send_message(user, &conversation, "are you there?", true)
-        .await;
-    let run_id = sent["run_id"].as_str().unwrap().to_owned();
-    let response = app
-        .request(Method::GET, &format!("/v1/runs/{run_id}"), user)
-        .header("X-Colloquy-Min-Position", sent["position"].to_string())
-        .send()
-        .await
-        .unwrap();
-    let run: Value = response.json().await.unwrap();
-    assert_eq!(run["status"], "queued");
-    RunId::from_uuid(run_id.parse().unwrap())
-}
-
-async fn run_status(app: &TestApp, user: &TestUser, run: RunId) -> Value {
-    // The run's last event position, read from the log, is what the read model must reach.
-    let position = colloquy_eventstore::EventStore::head(&PgEventStore::with_pool(
-        app.db.pool().await,
-        PgOptions::default(),
-    ))
-    .await
-    .unwrap();
-    app.request(Method::GET, &format!("/v1/runs/{}", run.as_uuid()), user)
-        .header("X-Colloquy-Min-Position", position.to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 fn generation_calls(fake: &FakeGemini) -> usize {

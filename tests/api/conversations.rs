@@ -704,7 +704,8 @@ async fn idempotency_keys_make_commands_repeatable() {
 
 #[tokio::test]
 async fn runs_are_requested_shown_and_cancelled() {
-    let app = spawn_app().await;
+    // No agent: the run stays queued until the test cancels it.
+    let app = crate::helpers::app_without_agent().await;
     let user = app.register_and_login().await;
     let stranger = app.register_and_login().await;
     let id = create(&app, &user, &json!({})).await["id"]

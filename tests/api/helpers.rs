@@ -1,11 +1,24 @@
-//! `spawn_app()`: the real application on `127.0.0.1:0`, with typed helpers.
+//! `spawn_app()`: the real application on `127.0.0.1:0`, with typed helpers; and
+//! agents of a test's own against the fake Gemini (`agent_for`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use colloquy::config::Settings;
 use colloquy::{Application, telemetry};
+use colloquy_commands::Commands;
+use colloquy_commands::cache::CacheConfig;
+use colloquy_domain::RunId;
+use colloquy_eventstore::{PgEventStore, PgOptions};
+use colloquy_gemini_agent::budget::MemoryBudgetStore;
+use colloquy_gemini_agent::clock::SystemClock;
+use colloquy_gemini_agent::fake::FakeGemini;
+use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig};
+use colloquy_gemini_agent::keys::{KeyPool, PoolConfig, PoolKey};
+use colloquy_gemini_agent::worker::{Agent, AgentSettings};
 use colloquy_testkit::{TestDatabase, nats_url, unique_prefix};
 use secrecy::SecretString;
+use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -125,6 +138,9 @@ async fn spawn(
     }
 }
 
+/// Every test user's password.
+const TEST_PASSWORD: &str = "correct horse battery staple";
+
 /// A registered, logged-in user.
 #[derive(Debug, Clone)]
 #[allow(dead_code, reason = "not every test reads every field")]
@@ -139,28 +155,45 @@ impl TestApp {
     #[allow(dead_code, reason = "not every test module uses it")]
     pub async fn register_and_login(&self) -> TestUser {
         let email = format!("user-{}@example.com", uuid::Uuid::new_v4().simple());
-        let password = "correct horse battery staple";
         let response = self
             .client
             .post(self.url("/v1/auth/register"))
-            .json(&serde_json::json!({ "email": email, "password": password }))
+            .json(&serde_json::json!({ "email": email, "password": TEST_PASSWORD }))
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), 201, "register");
         let registered: serde_json::Value = response.json().await.unwrap();
+        self.login(registered["user_id"].as_str().unwrap(), &email)
+            .await
+    }
+
+    /// Registers a new user, gives them the admin role in the test's database (the
+    /// users table's `is_admin`, which login copies into the token) and logs them in.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn register_admin(&self) -> TestUser {
+        let user = self.register_and_login().await;
+        sqlx::query("UPDATE colloquy.users SET is_admin = true WHERE id = $1")
+            .bind(uuid::Uuid::parse_str(&user.id).unwrap())
+            .execute(&self.db.pool().await)
+            .await
+            .unwrap();
+        self.login(&user.id, &user.email).await
+    }
+
+    async fn login(&self, id: &str, email: &str) -> TestUser {
         let response = self
             .client
             .post(self.url("/v1/auth/login"))
-            .json(&serde_json::json!({ "email": email, "password": password }))
+            .json(&serde_json::json!({ "email": email, "password": TEST_PASSWORD }))
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), 200, "login");
         let tokens: serde_json::Value = response.json().await.unwrap();
         TestUser {
-            id: registered["user_id"].as_str().unwrap().to_owned(),
-            email,
+            id: id.to_owned(),
+            email: email.to_owned(),
             token: tokens["access_token"].as_str().unwrap().to_owned(),
         }
     }
@@ -340,4 +373,91 @@ impl SseReader {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- agent --
+
+/// An agent of the test's own, beside the application's (or instead of it), with the
+/// fake's key `fake-key-1@proj-a` and `settings` (prefix and stream are the app's).
+pub async fn agent_for(app: &TestApp, fake: &FakeGemini, settings: AgentSettings) -> Agent {
+    let store = PgEventStore::with_pool(app.db.pool().await, PgOptions::default());
+    let pool = KeyPool::new(
+        PoolConfig::new(vec![PoolKey::new("main", "fake-key-1", "proj-a")]),
+        Arc::new(MemoryBudgetStore::new()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    Agent::new(
+        Commands::new(Arc::new(store), CacheConfig::default()),
+        GeminiClient::new(GeminiConfig {
+            base_url: fake.base_url(),
+            ..GeminiConfig::default()
+        })
+        .unwrap(),
+        Some(Arc::new(pool)),
+        async_nats::connect(colloquy_testkit::nats_url())
+            .await
+            .unwrap(),
+        AgentSettings {
+            prefix: app.prefix.clone(),
+            stream: app.prefix.to_uppercase(),
+            ..settings
+        },
+    )
+}
+
+/// The application without its agent: runs stay queued until a test's agent acts.
+pub async fn app_without_agent() -> TestApp {
+    spawn_app_with_roles(
+        [
+            colloquy::Role::Gateway,
+            colloquy::Role::Relay,
+            colloquy::Role::Projector,
+        ]
+        .into_iter()
+        .collect(),
+    )
+    .await
+}
+
+/// A queued run (its request applied to the runs read model); returns its id.
+pub async fn queued_run(app: &TestApp, user: &TestUser) -> RunId {
+    let conversation = app.create_conversation(user).await;
+    let sent = app
+        .send_message(user, &conversation, "are you there?", true)
+        .await;
+    let run_id = sent["run_id"].as_str().unwrap().to_owned();
+    let response = app
+        .request(reqwest::Method::GET, &format!("/v1/runs/{run_id}"), user)
+        .header("X-Colloquy-Min-Position", sent["position"].to_string())
+        .send()
+        .await
+        .unwrap();
+    let run: Value = response.json().await.unwrap();
+    assert_eq!(run["status"], "queued");
+    RunId::from_uuid(run_id.parse().unwrap())
+}
+
+/// The run as `GET /v1/runs/{id}` shows it once the runs read model has reached the
+/// log's head.
+pub async fn run_status(app: &TestApp, user: &TestUser, run: RunId) -> Value {
+    // The run's last event position, read from the log, is what the read model must reach.
+    let position = colloquy_eventstore::EventStore::head(&PgEventStore::with_pool(
+        app.db.pool().await,
+        PgOptions::default(),
+    ))
+    .await
+    .unwrap();
+    app.request(
+        reqwest::Method::GET,
+        &format!("/v1/runs/{}", run.as_uuid()),
+        user,
+    )
+    .header("X-Colloquy-Min-Position", position.to_string())
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap()
 }

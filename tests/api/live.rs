@@ -151,7 +151,8 @@ async fn the_users_stream_carries_only_their_own_conversations() {
 
 #[tokio::test]
 async fn a_run_stream_replays_the_run_relays_tokens_and_ends_with_the_outcome() {
-    let app = spawn_app().await;
+    // No agent: the test plays its part (tokens, then a cancel).
+    let app = crate::helpers::app_without_agent().await;
     let user = app.register_and_login().await;
     let conversation = app.create_conversation(&user).await;
     let sent = app

@@ -4,11 +4,14 @@
 
 #![allow(clippy::unwrap_used, reason = "test code")]
 
+mod admin;
 mod agent;
 mod auth;
 mod cli;
 mod conversations;
+mod edges;
 mod fanout;
+mod fuzz;
 mod health;
 mod helpers;
 mod live;

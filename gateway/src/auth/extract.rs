@@ -1,4 +1,5 @@
-//! [`AuthUser`]: the caller, from `Authorization: Bearer <access token>`.
+//! [`AuthUser`]: the caller, from `Authorization: Bearer <access token>`; and
+//! [`AdminUser`]: a caller whose token grants the admin role.
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
@@ -42,6 +43,31 @@ where
             id: claims.sub,
             admin: claims.admin,
         })
+    }
+}
+
+/// The authenticated caller, when their token grants the admin role: what every
+/// `/v1/admin` route takes. A missing or invalid token is 401 as for [`AuthUser`]; a
+/// valid token without the role is 403 `forbidden` (the admin routes are not another
+/// user's resources to hide, so 404 would only confuse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminUser(pub AuthUser);
+
+impl<S> FromRequestParts<S> for AdminUser
+where
+    S: Send + Sync,
+    AuthState: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let user = AuthUser::from_request_parts(parts, state).await?;
+        if user.admin {
+            Ok(Self(user))
+        } else {
+            tracing::info!(user.id = %user.id, path = parts.uri.path(), "an admin route was refused to a user without the role");
+            Err(ApiError::Forbidden)
+        }
     }
 }
 

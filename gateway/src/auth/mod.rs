@@ -34,7 +34,7 @@ use axum::extract::FromRef;
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-pub use extract::AuthUser;
+pub use extract::{AdminUser, AuthUser};
 pub use rate_limit::RateLimit;
 pub(crate) use routes::routes;
 pub use tokens::{AccessClaims, JwtKeys, KeyError};

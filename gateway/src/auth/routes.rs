@@ -1,14 +1,14 @@
-//! The handlers of `/v1/auth/…` and `/v1/me`.
+//! The handlers of `/v1/auth/…` and `/v1/me`, each with its OpenAPI description.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use sqlx::PgConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use super::input::{DisplayName, Email, Password, plausible_password};
@@ -21,27 +21,71 @@ use crate::error::{ApiError, ApiJson, FieldError, OnConstraint};
 const MAX_REFRESH_TOKEN_CHARS: usize = 128;
 
 pub(crate) fn routes(auth: &AuthState) -> Router<GatewayState> {
-    let limited = Router::new()
-        .route("/register", post(register))
-        .route("/login", post(login))
-        .route("/refresh", post(refresh))
-        .route("/logout", post(logout))
-        .layer(middleware::from_fn_with_state(
-            auth.clone(),
-            rate_limit::limit_by_ip,
-        ));
-    Router::new()
-        .nest("/v1/auth", limited)
-        .route("/v1/me", get(me))
+    let limited = Router::from(limited_api()).layer(middleware::from_fn_with_state(
+        auth.clone(),
+        rate_limit::limit_by_ip,
+    ));
+    limited.merge(Router::from(me_api()))
 }
 
-#[derive(Debug, Deserialize)]
+/// The four `/v1/auth` routes (rate-limited per client address by [`routes`]).
+fn limited_api() -> OpenApiRouter<GatewayState> {
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(register))
+        .routes(utoipa_axum::routes!(login))
+        .routes(utoipa_axum::routes!(refresh))
+        .routes(utoipa_axum::routes!(logout))
+}
+
+fn me_api() -> OpenApiRouter<GatewayState> {
+    OpenApiRouter::new().routes(utoipa_axum::routes!(me))
+}
+
+impl AuthState {
+    /// The OpenAPI description of the routes [`routes`] serves: the same registration,
+    /// so the two cannot disagree. (Here, next to the handlers, because this module is
+    /// private to [`crate::auth`].)
+    pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+        limited_api().merge(me_api()).into_openapi()
+    }
+}
+
+/// A new account.
+#[derive(Debug, Deserialize, ToSchema)]
 struct RegisterRequest {
+    /// `local@domain.tld`, at most 254 characters; stored trimmed and lower-cased.
+    #[schema(max_length = 254, example = "ada@example.com")]
     email: String,
+    /// 8 to 1,024 characters.
+    #[schema(value_type = String, min_length = 8, max_length = 1024, format = Password)]
     password: SecretString,
+    /// 1 to 100 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 100)]
     display_name: Option<String>,
 }
 
+/// The new account.
+#[derive(Debug, Serialize, ToSchema)]
+struct Registered {
+    user_id: Uuid,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/auth/register",
+    tag = "auth",
+    operation_id = "register",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered", body = Registered),
+        (status = 400, description = "Malformed JSON"),
+        (status = 409, description = "The email is taken (`email_taken`)"),
+        (status = 413, description = "Body too large"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "A field is missing or invalid; `errors` names each"),
+        (status = 429, description = "Too many requests from this address; see `Retry-After`"),
+    )
+)]
 #[tracing::instrument(skip_all, fields(user.id = tracing::field::Empty))]
 async fn register(
     State(auth): State<AuthState>,
@@ -84,21 +128,28 @@ async fn register(
     })?;
     tracing::Span::current().record("user.id", tracing::field::display(id));
     tracing::info!("user registered");
-    Ok((StatusCode::CREATED, Json(json!({ "user_id": id }))).into_response())
+    Ok((StatusCode::CREATED, Json(Registered { user_id: id })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Credentials.
+#[derive(Debug, Deserialize, ToSchema)]
 struct LoginRequest {
     email: String,
+    #[schema(value_type = String, format = Password)]
     password: SecretString,
 }
 
 /// Tokens as login and refresh return them. (No `Debug`: it holds live tokens.)
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TokenResponse {
+    /// A JWT for `Authorization: Bearer …`.
     access_token: String,
+    /// Exchanges for new tokens once (`POST /v1/auth/refresh`); it rotates, and reusing
+    /// a rotated one revokes the whole family.
     refresh_token: String,
+    #[schema(value_type = String, pattern = "^Bearer$", example = "Bearer")]
     token_type: &'static str,
+    /// Seconds until the access token expires.
     expires_in: u64,
 }
 
@@ -113,6 +164,24 @@ impl IntoResponse for TokenResponse {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/login",
+    tag = "auth",
+    operation_id = "login",
+    description = "The same answer and the same work whether the email exists or not.",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in", body = TokenResponse,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "Wrong email or password, or a disabled account (`invalid_credentials`)"),
+        (status = 413, description = "Body too large"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "A field is missing or of the wrong type"),
+        (status = 429, description = "Too many requests from this address; see `Retry-After`"),
+    )
+)]
 #[tracing::instrument(skip_all, fields(user.id = tracing::field::Empty))]
 async fn login(
     State(auth): State<AuthState>,
@@ -174,11 +243,32 @@ async fn issue(
     })
 }
 
-#[derive(Debug, Deserialize)]
+/// A refresh token (to exchange, or to revoke).
+#[derive(Debug, Deserialize, ToSchema)]
 struct RefreshRequest {
+    #[schema(value_type = String)]
     refresh_token: SecretString,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/refresh",
+    tag = "auth",
+    operation_id = "refresh",
+    description = "Exchanges a refresh token for new tokens. The token rotates: reusing a rotated \
+                   one revokes its whole family.",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "New tokens", body = TokenResponse,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "Unknown, expired, revoked or reused refresh token (`invalid_refresh_token`)"),
+        (status = 413, description = "Body too large"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "A field is missing or of the wrong type"),
+        (status = 429, description = "Too many requests from this address; see `Retry-After`"),
+    )
+)]
 #[tracing::instrument(skip_all, fields(user.id = tracing::field::Empty))]
 async fn refresh(
     State(auth): State<AuthState>,
@@ -227,6 +317,25 @@ async fn refresh(
     Ok(tokens)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    operation_id = "logout",
+    description = "Revokes the refresh token's family. Idempotent: an unknown token, or another \
+                   user's, revokes nothing and is still 204.",
+    security(("bearer" = [])),
+    request_body = RefreshRequest,
+    responses(
+        (status = 204, description = "Logged out"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 413, description = "Body too large"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "A field is missing or of the wrong type"),
+        (status = 429, description = "Too many requests from this address; see `Retry-After`"),
+    )
+)]
 #[tracing::instrument(skip_all, fields(user.id = %user.id))]
 async fn logout(
     user: AuthUser,
@@ -244,6 +353,28 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn me(user: AuthUser) -> Json<Value> {
-    Json(json!({ "user_id": user.id, "admin": user.admin }))
+/// The caller, as their access token says.
+#[derive(Debug, Serialize, ToSchema)]
+struct Me {
+    user_id: Uuid,
+    /// Whether the token grants the admin role.
+    admin: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "auth",
+    operation_id = "me",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller", body = Me),
+        (status = 401, description = "No valid bearer token"),
+    )
+)]
+async fn me(user: AuthUser) -> Json<Me> {
+    Json(Me {
+        user_id: user.id,
+        admin: user.admin,
+    })
 }

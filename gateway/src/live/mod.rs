@@ -27,13 +27,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use colloquy_commands::live::{RunSignal, run_subject};
 use colloquy_domain::{ConversationId, RunId, UserId};
 use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 pub use hub::{LiveEvent, LiveHub, LiveSettings, StreamSlot};
@@ -48,10 +48,15 @@ const CATCH_UP_BATCH: usize = 500;
 
 /// The routes of this module.
 pub(crate) fn routes() -> Router<GatewayState> {
-    Router::new()
-        .route("/v1/conversations/{id}/events", get(conversation_events))
-        .route("/v1/runs/{run_id}/events", get(run_events))
-        .route("/v1/events", get(user_events))
+    api().split_for_parts().0
+}
+
+/// The routes of this module with their OpenAPI descriptions.
+pub(crate) fn api() -> OpenApiRouter<GatewayState> {
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(conversation_events))
+        .routes(utoipa_axum::routes!(run_events))
+        .routes(utoipa_axum::routes!(user_events))
 }
 
 /// What one stream shows.
@@ -73,6 +78,28 @@ impl Scope {
 }
 
 /// `GET /v1/conversations/{id}/events`.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}/events",
+    tag = "live",
+    operation_id = "conversation_events",
+    description = "Server-sent events: the conversation's events from the moment of subscription \
+                   (or after `Last-Event-ID`), one per log event. `id:` is the global position, \
+                   `event:` the event type, `data:` the event's JSON (for `MessageSent`: the message \
+                   id, author and text). A comment heartbeat at least every 15 s; a stream the \
+                   server ends closes with a `retry:` hint.",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The conversation"), ("Last-Event-ID" = Option<i64>, Header, minimum = 0,
+            description = "Resume after this global position (the `id:` of the last event received): without loss or duplicates")),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such conversation (or another user's)"),
+        (status = 400, description = "`Last-Event-ID` is not a non-negative integer"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 429, description = "Too many open streams for this user; see `Retry-After`"),
+        (status = 503, description = "A dependency is unavailable; see `Retry-After`"),
+    )
+)]
 async fn conversation_events(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -93,6 +120,28 @@ async fn conversation_events(
 }
 
 /// `GET /v1/runs/{run_id}/events`.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{run_id}/events",
+    tag = "live",
+    operation_id = "run_events",
+    description = "Server-sent events of one run, from its start (or after `Last-Event-ID`): \
+                   progress milestones; `event: token` deltas while the agent writes (no `id:`, not \
+                   replayed on resume) and `event: reset` when an attempt restarts; and a final \
+                   `completed` (with the reply text), `failed` or `cancelled`, after which the \
+                   stream ends.",
+    security(("bearer" = [])),
+    params(("run_id" = Uuid, Path, description = "The run"), ("Last-Event-ID" = Option<i64>, Header, minimum = 0,
+            description = "Resume after this global position (the `id:` of the last event received): without loss or duplicates")),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such run (or another user's)"),
+        (status = 400, description = "`Last-Event-ID` is not a non-negative integer"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 429, description = "Too many open streams for this user; see `Retry-After`"),
+        (status = 503, description = "A dependency is unavailable; see `Retry-After`"),
+    )
+)]
 async fn run_events(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -113,6 +162,25 @@ async fn run_events(
 }
 
 /// `GET /v1/events`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "live",
+    operation_id = "user_events",
+    description = "Server-sent events of all the caller's conversations and runs, from the moment \
+                   of subscription (or after `Last-Event-ID`); the same framing as the \
+                   conversation's stream.",
+    security(("bearer" = [])),
+    params(("Last-Event-ID" = Option<i64>, Header, minimum = 0,
+            description = "Resume after this global position (the `id:` of the last event received): without loss or duplicates")),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`Last-Event-ID` is not a non-negative integer"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 429, description = "Too many open streams for this user; see `Retry-After`"),
+        (status = 503, description = "A dependency is unavailable; see `Retry-After`"),
+    )
+)]
 async fn user_events(
     State(state): State<GatewayState>,
     user: AuthUser,

@@ -6,12 +6,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use colloquy_domain::{ConversationCommand, ConversationId, ModelName, SystemPrompt, Title};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{
-    CommandBody, Idempotency, MinPosition, Params, committed, decode_cursor, encode_cursor,
-    invalid_cursor, limit, parse_id, user_id,
+    CommandBody, Idempotency, MinPosition, Params, committed, committed_empty, decode_cursor,
+    encode_cursor, invalid_cursor, limit, parse_id, user_id,
 };
 use crate::GatewayState;
 use crate::auth::AuthUser;
@@ -20,20 +20,59 @@ use crate::error::ApiError;
 /// The read model serving these queries.
 pub(crate) const SCHEMA: &str = "rm_messages";
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct CreateBody {
+/// `POST /v1/conversations`: a new conversation. Every field is optional.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct NewConversation {
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     title: Option<String>,
+    /// What the agent is told before the conversation; at most 32,000 characters, no
+    /// NUL.
+    #[schema(max_length = 32000)]
     system_prompt: Option<String>,
+    /// The Gemini model the agent uses (default: the configured one); 1 to 100
+    /// characters of letters, digits, `-`, `_`, `.`.
+    #[schema(min_length = 1, max_length = 100)]
     model: Option<String>,
 }
 
+/// What a conversation command answers: the conversation, the global position of the
+/// command's last event, and the conversation stream's version after it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ConversationCommitted {
+    id: Uuid,
+    position: i64,
+    version: i64,
+}
+
 /// `POST /v1/conversations` → 201 `{id, position, version}`.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations",
+    tag = "conversations",
+    operation_id = "start_conversation",
+    security(("bearer" = [])),
+    params(Idempotency),
+    request_body = NewConversation,
+    responses(
+        (status = 201, description = "Started", body = ConversationCommitted,
+            headers(("X-Colloquy-Position" = i64, description = "Global position of the command's last event"))),
+        (status = 400, description = "Malformed JSON or `Idempotency-Key`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 409, description = "The conversation changed concurrently; retry"),
+        (status = 413, description = "Body over 1 MiB"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "A field is invalid, or the `Idempotency-Key` was used with another body"),
+        (status = 429, description = "Too many commands; see `Retry-After`"),
+        (status = 503, description = "The event store is unavailable; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn create(
     State(state): State<GatewayState>,
     user: AuthUser,
-    command: CommandBody<CreateBody>,
+    command: CommandBody<NewConversation>,
 ) -> Result<Response, ApiError> {
-    let CreateBody {
+    let NewConversation {
         title,
         system_prompt,
         model,
@@ -70,7 +109,11 @@ pub(crate) async fn create(
     Ok(committed(
         StatusCode::CREATED,
         done.position,
-        Some(json!({ "id": id, "position": done.position, "version": version })),
+        Some(ConversationCommitted {
+            id: id.as_uuid(),
+            position: done.position,
+            version,
+        }),
     ))
 }
 
@@ -78,19 +121,53 @@ fn from_validation(error: colloquy_domain::ValidationError) -> ApiError {
     ApiError::field(error.field, error.rule.to_string())
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct RenameBody {
+/// `PATCH /v1/conversations/{id}`: a new title.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct ConversationRename {
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     title: String,
 }
 
 /// `PATCH /v1/conversations/{id}` `{title}` → 200 `{id, position, version}`; honours
 /// `If-Match: "<version>"` (412 on mismatch).
+#[utoipa::path(
+    patch,
+    path = "/v1/conversations/{id}",
+    tag = "conversations",
+    operation_id = "rename_conversation",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The conversation"),
+        ("If-Match" = Option<String>, Header,
+            description = "`\"<version>\"` (or `*`): rename only if the conversation is at this version; 412 otherwise"),
+        Idempotency,
+    ),
+    request_body = ConversationRename,
+    responses(
+        (status = 200, description = "Renamed", body = ConversationCommitted,
+            headers(
+                ("X-Colloquy-Position" = i64, description = "Global position of the command's last event"),
+                ("ETag" = String, description = "`\"<version>\"` after the rename"),
+            )),
+        (status = 400, description = "Malformed JSON or `Idempotency-Key`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation (or another user's, or archived)"),
+        (status = 409, description = "The conversation changed concurrently or is archived"),
+        (status = 412, description = "`If-Match` does not name the current version"),
+        (status = 413, description = "Body over 1 MiB"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "A field is invalid, or the `Idempotency-Key` was used with another body"),
+        (status = 429, description = "Too many commands; see `Retry-After`"),
+        (status = 503, description = "The event store is unavailable; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn rename(
     State(state): State<GatewayState>,
     user: AuthUser,
     Path(id): Path<String>,
     headers: HeaderMap,
-    command: CommandBody<RenameBody>,
+    command: CommandBody<ConversationRename>,
 ) -> Result<Response, ApiError> {
     let id = ConversationId::from_uuid(parse_id(&id)?);
     let title = Title::parse(command.body.title).map_err(from_validation)?;
@@ -120,7 +197,11 @@ pub(crate) async fn rename(
     let mut response = committed(
         StatusCode::OK,
         done.position,
-        Some(json!({ "id": id, "position": done.position, "version": version })),
+        Some(ConversationCommitted {
+            id: id.as_uuid(),
+            position: done.position,
+            version,
+        }),
     );
     response.headers_mut().insert(header::ETAG, etag(version));
     Ok(response)
@@ -148,6 +229,26 @@ fn etag(version: i64) -> HeaderValue {
 }
 
 /// `DELETE /v1/conversations/{id}` → 204: archives it (idempotent).
+#[utoipa::path(
+    delete,
+    path = "/v1/conversations/{id}",
+    tag = "conversations",
+    operation_id = "archive_conversation",
+    description = "Archives the conversation: it leaves the lists, its history stays in the log. Idempotent.",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The conversation"), Idempotency),
+    responses(
+        (status = 204, description = "Archived",
+            headers(("X-Colloquy-Position" = i64, description = "Global position of the command's last event"))),
+        (status = 400, description = "Malformed `Idempotency-Key`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation (or another user's)"),
+        (status = 409, description = "The conversation changed concurrently; retry"),
+        (status = 422, description = "The `Idempotency-Key` was used for another request"),
+        (status = 429, description = "Too many commands; see `Retry-After`"),
+        (status = 503, description = "The event store is unavailable; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn archive(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -160,26 +261,62 @@ pub(crate) async fn archive(
         .commands
         .conversation(id, ConversationCommand::Archive { by: user_id(user) }, &ctx)
         .await?;
-    Ok(committed(StatusCode::NO_CONTENT, done.position, None))
+    Ok(committed_empty(done.position))
 }
 
 /// One conversation, as listed and shown.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
 pub(crate) struct ConversationItem {
     id: Uuid,
     title: Option<String>,
     created_at: DateTime<Utc>,
+    /// The last activity (a message sent, edited or deleted, a rename).
     updated_at: DateTime<Utc>,
     message_count: i32,
+    /// The start of the latest message.
     last_message_preview: Option<String>,
     #[serde(skip)]
+    #[schema(ignore)]
     activity_position: i64,
     #[serde(skip)]
+    #[schema(ignore)]
     version: i64,
+}
+
+/// One conversation with its stream version (what `If-Match` compares with).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Conversation {
+    #[serde(flatten)]
+    item: ConversationItem,
+    version: i64,
+}
+
+/// A page of conversations.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ConversationPage {
+    items: Vec<ConversationItem>,
+    /// Pass back as `cursor` for the next page; `null` on the last page.
+    next_cursor: Option<String>,
 }
 
 /// `GET /v1/conversations/{id}` → the item plus `version` (and an `ETag`). Another
 /// user's, an archived or an unknown conversation is 404.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}",
+    tag = "conversations",
+    operation_id = "show_conversation",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The conversation"), MinPosition),
+    responses(
+        (status = 200, description = "The conversation", body = Conversation,
+            headers(("ETag" = String, description = "`\"<version>\"`, for `If-Match`"))),
+        (status = 400, description = "Malformed `X-Colloquy-Min-Position`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation (or another user's, or archived)"),
+        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn show(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -200,21 +337,39 @@ pub(crate) async fn show(
     .await?
     .ok_or(ApiError::NotFound)?;
     let version = item.version;
-    let mut body = serde_json::to_value(&item).map_err(ApiError::internal)?;
-    body["version"] = json!(version);
-    let mut response = axum::Json(body).into_response();
+    let mut response = axum::Json(Conversation { item, version }).into_response();
     response.headers_mut().insert(header::ETAG, etag(version));
     Ok(response)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
+    /// Page size: default 50, clamped to 1..=200.
     limit: Option<i64>,
+    /// A `next_cursor` from the previous page (opaque).
     cursor: Option<String>,
 }
 
 /// `GET /v1/conversations?limit=&cursor=` → the caller's conversations that are not
 /// archived, most recent activity first; keyset paging on `(activity_position, id)`.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations",
+    tag = "conversations",
+    operation_id = "list_conversations",
+    description = "The caller's conversations that are not archived, most recent activity first. \
+                   No conversation that existed at the first page is skipped or shown twice; one \
+                   that becomes active meanwhile may move to the top.",
+    security(("bearer" = [])),
+    params(ListParams, MinPosition),
+    responses(
+        (status = 200, description = "A page", body = ConversationPage),
+        (status = 400, description = "A malformed query parameter or cursor"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn list(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -250,7 +405,7 @@ pub(crate) async fn list(
         .then(|| items.last())
         .flatten()
         .map(|last| encode_cursor(&format!("{}.{}", last.activity_position, last.id)));
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+    Ok(axum::Json(ConversationPage { items, next_cursor }).into_response())
 }
 
 fn parse_list_cursor(cursor: &str) -> Result<(i64, Uuid), ApiError> {

@@ -8,32 +8,69 @@ use chrono::{DateTime, Utc};
 use colloquy_domain::process::{ProcessCommand, SendAndRequestRun};
 use colloquy_domain::{ConversationCommand, ConversationId, MessageId, MessageText, RunId};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::conversations::SCHEMA;
 use super::{
-    CommandBody, Idempotency, MinPosition, Params, committed, decode_cursor, encode_cursor,
-    invalid_cursor, limit, parse_id, user_id,
+    CommandBody, Idempotency, MinPosition, Params, committed, committed_empty, decode_cursor,
+    encode_cursor, invalid_cursor, limit, parse_id, user_id,
 };
 use crate::GatewayState;
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct SendBody {
+/// `POST /v1/conversations/{id}/messages`: a user message.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct NewMessage {
+    /// Not blank, at most 32,000 characters after trimming, no NUL.
+    #[schema(min_length = 1, max_length = 32000)]
     text: String,
+    /// Also ask the agent to answer it (a run, as `POST …/runs` would start).
     #[serde(default)]
     run_agent: bool,
 }
 
+/// What a message command answers: the message, the run it started (if any), the
+/// global position of the command's last event, and the conversation stream's version.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MessageCommitted {
+    message_id: Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<Uuid>,
+    position: i64,
+    version: i64,
+}
+
 /// `POST /v1/conversations/{id}/messages` `{text, run_agent?}` → 201
 /// `{message_id, run_id?, position, version}`.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/messages",
+    tag = "messages",
+    operation_id = "send_message",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The conversation"), Idempotency),
+    request_body = NewMessage,
+    responses(
+        (status = 201, description = "Sent (and the run requested, with `run_agent`)", body = MessageCommitted,
+            headers(("X-Colloquy-Position" = i64, description = "Global position of the command's last event"))),
+        (status = 400, description = "Malformed JSON or `Idempotency-Key`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation or message (or another user's)"),
+        (status = 409, description = "The conversation changed concurrently or is archived"),
+        (status = 413, description = "Body over 1 MiB"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "Text blank, over 32,000 characters or with NUL; or the `Idempotency-Key` was used with another body"),
+        (status = 429, description = "Too many commands; see `Retry-After`"),
+        (status = 503, description = "The event store is unavailable; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn send(
     State(state): State<GatewayState>,
     user: AuthUser,
     Path(id): Path<String>,
-    command: CommandBody<SendBody>,
+    command: CommandBody<NewMessage>,
 ) -> Result<Response, ApiError> {
     let id = ConversationId::from_uuid(parse_id(&id)?);
     let text = MessageText::parse(command.body.text).map_err(colloquy_domain::DomainError::from)?;
@@ -74,26 +111,56 @@ pub(crate) async fn send(
         (done, None)
     };
     let version = done.version_of(&id.stream_name()).unwrap_or_default();
-    let mut body =
-        json!({ "message_id": message_id, "position": done.position, "version": version });
-    if let Some(run_id) = run_id {
-        body["run_id"] = json!(run_id);
-    }
+    let body = MessageCommitted {
+        message_id: message_id.as_uuid(),
+        run_id: run_id.map(|r| r.as_uuid()),
+        position: done.position,
+        version,
+    };
     Ok(committed(StatusCode::CREATED, done.position, Some(body)))
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct EditBody {
+/// `PATCH /v1/conversations/{id}/messages/{message_id}`: the message's new text.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct MessageEdit {
+    /// Not blank, at most 32,000 characters after trimming, no NUL.
+    #[schema(min_length = 1, max_length = 32000)]
     text: String,
 }
 
 /// `PATCH /v1/conversations/{id}/messages/{message_id}` `{text}` → 200
 /// `{message_id, position, version}`.
+#[utoipa::path(
+    patch,
+    path = "/v1/conversations/{id}/messages/{message_id}",
+    tag = "messages",
+    operation_id = "edit_message",
+    description = "Edits one of the caller's messages (not the agent's, not a deleted one).",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The conversation"),
+        ("message_id" = Uuid, Path, description = "The message"),
+        Idempotency,
+    ),
+    request_body = MessageEdit,
+    responses(
+        (status = 200, description = "Edited", body = MessageCommitted, headers(("X-Colloquy-Position" = i64, description = "Global position of the command's last event"))),
+        (status = 400, description = "Malformed JSON or `Idempotency-Key`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation or message (or another user's)"),
+        (status = 409, description = "The conversation changed concurrently or is archived"),
+        (status = 413, description = "Body over 1 MiB"),
+        (status = 415, description = "Body is not `application/json`"),
+        (status = 422, description = "Text blank, over 32,000 characters or with NUL; or the `Idempotency-Key` was used with another body"),
+        (status = 429, description = "Too many commands; see `Retry-After`"),
+        (status = 503, description = "The event store is unavailable; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn edit(
     State(state): State<GatewayState>,
     user: AuthUser,
     Path((id, message_id)): Path<(String, String)>,
-    command: CommandBody<EditBody>,
+    command: CommandBody<MessageEdit>,
 ) -> Result<Response, ApiError> {
     let id = ConversationId::from_uuid(parse_id(&id)?);
     let message_id = MessageId::from_uuid(parse_id(&message_id)?);
@@ -115,11 +182,38 @@ pub(crate) async fn edit(
     Ok(committed(
         StatusCode::OK,
         done.position,
-        Some(json!({ "message_id": message_id, "position": done.position, "version": version })),
+        Some(MessageCommitted {
+            message_id: message_id.as_uuid(),
+            run_id: None,
+            position: done.position,
+            version,
+        }),
     ))
 }
 
 /// `DELETE /v1/conversations/{id}/messages/{message_id}` → 204.
+#[utoipa::path(
+    delete,
+    path = "/v1/conversations/{id}/messages/{message_id}",
+    tag = "messages",
+    operation_id = "delete_message",
+    security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path, description = "The conversation"),
+        ("message_id" = Uuid, Path, description = "The message"),
+        Idempotency,
+    ),
+    responses(
+        (status = 204, description = "Deleted", headers(("X-Colloquy-Position" = i64, description = "Global position of the command's last event"))),
+        (status = 400, description = "Malformed `Idempotency-Key`"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation or message (or another user's)"),
+        (status = 409, description = "The conversation changed concurrently or is archived"),
+        (status = 422, description = "The `Idempotency-Key` was used for another request"),
+        (status = 429, description = "Too many commands; see `Retry-After`"),
+        (status = 503, description = "The event store is unavailable; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn delete(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -140,15 +234,33 @@ pub(crate) async fn delete(
             &ctx,
         )
         .await?;
-    Ok(committed(StatusCode::NO_CONTENT, done.position, None))
+    Ok(committed_empty(done.position))
 }
 
-#[derive(Debug, Deserialize)]
+/// At most one of `cursor`, `before` and `after` (400 otherwise).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
+    /// Page size: default 50, clamped to 1..=200.
     limit: Option<i64>,
+    /// A `next_cursor` from the previous page (opaque); continues in the same direction.
     cursor: Option<String>,
+    /// A message id: the messages just older than it (still oldest first); paging
+    /// then goes back in time. 404 if it is not a message of this conversation.
+    #[param(format = Uuid)]
     before: Option<String>,
+    /// A message id: the messages after it. 404 if it is not a message of this
+    /// conversation.
+    #[param(format = Uuid)]
     after: Option<String>,
+}
+
+/// A page of messages, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MessagePage {
+    items: Vec<MessageItem>,
+    /// Pass back as `cursor` for the next page; `null` on the last page.
+    next_cursor: Option<String>,
 }
 
 /// Where a page starts: after a `seq` (oldest first, forward) or before one (the
@@ -179,17 +291,23 @@ impl Anchor {
     }
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-struct MessageItem {
+/// One message.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+pub(crate) struct MessageItem {
     id: Uuid,
+    /// `user` or `assistant`.
+    #[schema(example = "user")]
     author: String,
+    /// The latest text (edits included).
     text: String,
     created_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     edited_at: Option<DateTime<Utc>>,
+    /// The run that wrote it (the agent's replies).
     #[serde(skip_serializing_if = "Option::is_none")]
     run_id: Option<Uuid>,
     #[serde(skip)]
+    #[schema(ignore)]
     seq: i64,
 }
 
@@ -199,6 +317,23 @@ struct MessageItem {
 /// `after=<message id>` starts after that message; `before=<message id>` gives the
 /// messages just older than it (still oldest first), and its `next_cursor` keeps
 /// going back in time.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}/messages",
+    tag = "messages",
+    operation_id = "list_messages",
+    description = "The conversation's messages in conversation order (oldest first), deleted ones \
+                   left out. New messages never shift a page already read.",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The conversation"), ListParams, MinPosition),
+    responses(
+        (status = 200, description = "A page", body = MessagePage),
+        (status = 400, description = "A malformed query parameter or cursor, or more than one of cursor, before and after"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 404, description = "No such conversation (or another user's, or archived), or `before`/`after` names no message of it"),
+        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn list(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -278,7 +413,7 @@ pub(crate) async fn list(
         }
     };
     let next_cursor = next.filter(|_| more).map(Anchor::cursor);
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+    Ok(axum::Json(MessagePage { items, next_cursor }).into_response())
 }
 
 /// The `seq` of a message of this conversation (deleted ones too); 404 if none.

@@ -10,6 +10,9 @@
 //!   waiting, bounded, for `X-Colloquy-Min-Position` / `?min_position=`.
 //! - Path ids that are not UUIDs are 404, like ids that exist but are not the
 //!   caller's.
+//! - Each handler carries its OpenAPI description (`#[utoipa::path]`), and [`api`]
+//!   registers it with its route in one step, so the served router and the document
+//!   (`crate::openapi`) list the same operations.
 
 mod conversations;
 mod messages;
@@ -23,15 +26,19 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Requ
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use colloquy_commands::Context;
 use colloquy_domain::UserId;
 use colloquy_eventstore::GlobalPosition;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use utoipa::IntoParams;
+use utoipa::openapi::Required;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use crate::GatewayState;
@@ -53,29 +60,27 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// The routes of this module.
 pub(crate) fn routes() -> Router<GatewayState> {
-    Router::new()
-        .route(
-            "/v1/conversations",
-            post(conversations::create).get(conversations::list),
-        )
-        .route(
-            "/v1/conversations/{id}",
-            get(conversations::show)
-                .patch(conversations::rename)
-                .delete(conversations::archive),
-        )
-        .route(
-            "/v1/conversations/{id}/messages",
-            post(messages::send).get(messages::list),
-        )
-        .route(
-            "/v1/conversations/{id}/messages/{message_id}",
-            patch(messages::edit).delete(messages::delete),
-        )
-        .route("/v1/conversations/{id}/runs", post(runs::request))
-        .route("/v1/runs/{run_id}", get(runs::show))
-        .route("/v1/runs/{run_id}/cancel", post(runs::cancel))
-        .route("/v1/search", get(search::search))
+    api().split_for_parts().0
+}
+
+/// The routes of this module with their OpenAPI descriptions.
+pub(crate) fn api() -> OpenApiRouter<GatewayState> {
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(
+            conversations::create,
+            conversations::list
+        ))
+        .routes(utoipa_axum::routes!(
+            conversations::show,
+            conversations::rename,
+            conversations::archive
+        ))
+        .routes(utoipa_axum::routes!(messages::send, messages::list))
+        .routes(utoipa_axum::routes!(messages::edit, messages::delete))
+        .routes(utoipa_axum::routes!(runs::request))
+        .routes(utoipa_axum::routes!(runs::show))
+        .routes(utoipa_axum::routes!(runs::cancel))
+        .routes(utoipa_axum::routes!(search::search))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
@@ -89,10 +94,10 @@ pub(crate) fn user_id(user: AuthUser) -> UserId {
 }
 
 /// A command response: `status`, `X-Colloquy-Position`, and `body` (if any).
-pub(crate) fn committed(
+pub(crate) fn committed<T: Serialize>(
     status: StatusCode,
     position: GlobalPosition,
-    body: Option<serde_json::Value>,
+    body: Option<T>,
 ) -> Response {
     let mut response = match body {
         Some(body) => (status, axum::Json(body)).into_response(),
@@ -104,9 +109,40 @@ pub(crate) fn committed(
     response
 }
 
+/// A `204 No Content` command response with `X-Colloquy-Position`.
+pub(crate) fn committed_empty(position: GlobalPosition) -> Response {
+    committed(StatusCode::NO_CONTENT, position, None::<()>)
+}
+
 /// A command's idempotency: the client's key and the request's fingerprint.
 #[derive(Debug, Clone)]
 pub(crate) struct Idempotency(Option<(String, String)>);
+
+/// The `Idempotency-Key` header, as every command documents it.
+impl IntoParams for Idempotency {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(format!(
+                    "Makes the command repeatable: a repeat with the same key and body returns \
+                     the first response and appends nothing; the same key with another body \
+                     is 422 `idempotency_key_reused`. 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible \
+                     ASCII characters (otherwise 400 `invalid_idempotency_key`)."
+                )))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(MAX_IDEMPOTENCY_KEY_LEN))
+                        .pattern(Some("^[!-~]+$")),
+                ))
+                .build(),
+        ]
+    }
+}
 
 impl Idempotency {
     fn read(
@@ -218,6 +254,39 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
 /// `X-Colloquy-Min-Position` or `?min_position=`: the position a query waits for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MinPosition(Option<GlobalPosition>);
+
+/// The header and the query parameter, as every query documents them.
+impl IntoParams for MinPosition {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let position = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0))
+        };
+        let description = "Wait (at most 5 s) until the read model serving this query has \
+                           reached this global position (a command's `X-Colloquy-Position`); \
+                           503 with `Retry-After` if it has not. The header wins over the \
+                           query parameter. Not a non-negative integer: 400 \
+                           `invalid_min_position`.";
+        vec![
+            ParameterBuilder::new()
+                .name("X-Colloquy-Min-Position")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(position()))
+                .build(),
+            ParameterBuilder::new()
+                .name("min_position")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(position()))
+                .build(),
+        ]
+    }
+}
 
 #[derive(Deserialize)]
 struct MinPositionQuery {

@@ -3,8 +3,9 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{MinPosition, Params, decode_cursor, encode_cursor, invalid_cursor, limit};
@@ -17,15 +18,59 @@ const SCHEMA: &str = "rm_search";
 /// Longest accepted query, in characters.
 const MAX_QUERY_CHARS: usize = 1_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct SearchParams {
+    /// What to look for, in web-search syntax (quotes, `-word`, `or`); required, not
+    /// blank, at most 1,000 characters, no NUL (422 otherwise).
+    #[param(required = true, min_length = 1, max_length = 1000)]
     q: Option<String>,
+    /// Only this conversation (one that is not the caller's matches nothing).
+    #[param(format = Uuid)]
     conversation_id: Option<String>,
+    /// Page size: default 20, clamped to 1..=100.
     limit: Option<i64>,
+    /// A `next_cursor` from the previous page (opaque).
     cursor: Option<String>,
 }
 
+/// One matching message.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SearchHit {
+    conversation_id: Uuid,
+    message_id: Uuid,
+    /// The matching text with the matches marked.
+    snippet: String,
+    /// Higher is better.
+    rank: f32,
+    created_at: DateTime<Utc>,
+}
+
+/// A page of hits, best first.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SearchPage {
+    items: Vec<SearchHit>,
+    /// Pass back as `cursor` for the next page; `null` on the last page.
+    next_cursor: Option<String>,
+}
+
 /// Best first; the cursor is the offset of the next page.
+#[utoipa::path(
+    get,
+    path = "/v1/search",
+    tag = "search",
+    operation_id = "search",
+    description = "Full-text search over the caller's messages (only the caller's conversations).",
+    security(("bearer" = [])),
+    params(SearchParams, MinPosition),
+    responses(
+        (status = 200, description = "A page of hits", body = SearchPage),
+        (status = 400, description = "A malformed query parameter or cursor"),
+        (status = 401, description = "No valid bearer token"),
+        (status = 422, description = "`q` is missing, blank, too long or contains NUL"),
+        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+    )
+)]
 pub(crate) async fn search(
     State(state): State<GatewayState>,
     user: AuthUser,
@@ -72,22 +117,24 @@ pub(crate) async fn search(
     let page = usize::try_from(limit).unwrap_or(usize::MAX);
     let more = hits.len() > page;
     hits.truncate(page);
-    let items: Vec<_> = hits
-        .iter()
-        .map(|h| {
-            json!({
-                "conversation_id": h.conversation_id,
-                "message_id": h.message_id,
-                "snippet": h.snippet,
-                "rank": h.rank,
-                "created_at": h.created_at,
-            })
+    let items = hits
+        .into_iter()
+        .map(|h| SearchHit {
+            conversation_id: h.conversation_id,
+            message_id: h.message_id,
+            snippet: h.snippet,
+            rank: h.rank,
+            created_at: h.created_at,
         })
         .collect();
     let next_cursor = more.then(|| encode_cursor(&(offset + limit).to_string()));
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+    Ok(axum::Json(SearchPage { items, next_cursor }).into_response())
 }
 
 fn empty() -> Response {
-    axum::Json(json!({ "items": [], "next_cursor": null })).into_response()
+    axum::Json(SearchPage {
+        items: Vec::new(),
+        next_cursor: None,
+    })
+    .into_response()
 }

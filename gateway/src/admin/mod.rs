@@ -1,0 +1,41 @@
+//! The operators' routes under `/v1/admin` (see `docs`' api.md, "Admin"). Every one
+//! takes an [`AdminUser`](crate::auth::AdminUser): no token or a bad one is 401, a valid
+//! token without the admin role is 403 `forbidden`.
+//!
+//! - [`projections`]: each read model's checkpoint, lag and state, and rebuilds (the
+//!   same as `colloquy replay <name>`) started in the background.
+//! - [`streams`]: the raw events of any stream, as stored.
+//! - [`keys`]: the agent's key pool — labels, budgets, health; never a key.
+//! - [`runs`]: dead letters (runs whose retries ran out), and bringing one back.
+//! - [`users`]: erasure of a user's text from the log.
+//!
+//! The operator's id is the acting user of what these routes append, so the log
+//! records who revived a run.
+
+mod keys;
+mod projections;
+mod runs;
+mod streams;
+mod users;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+pub use projections::Rebuilds;
+
+use crate::GatewayState;
+
+/// The routes of this module.
+pub(crate) fn routes() -> Router<GatewayState> {
+    Router::new()
+        .route("/v1/admin/projections", get(projections::list))
+        .route(
+            "/v1/admin/projections/{name}/rebuild",
+            post(projections::rebuild),
+        )
+        .route("/v1/admin/streams/{stream_name}", get(streams::read))
+        .route("/v1/admin/agent/keys", get(keys::list))
+        .route("/v1/admin/runs/dead-letters", get(runs::dead_letters))
+        .route("/v1/admin/runs/{run_id}/retry", post(runs::retry))
+        .route("/v1/admin/users/{user_id}/forget", post(users::forget))
+}

@@ -1,0 +1,151 @@
+//! Dead letters: runs that failed because the agent's retry schedule ran out (their
+//! reason starts with [`DEAD_LETTER_PREFIX`]), listed from the runs read model, and
+//! brought back one at a time once their cause is fixed.
+//!
+//! A retry is the domain's `ReviveRun`: the run is `retrying` again (same attempt,
+//! due now) and open again in its conversation, and the agent's sweep starts its next
+//! attempt. Only a dead letter can be revived, and not while another run of its
+//! conversation is open: anything else is 409.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use colloquy_domain::RunId;
+use colloquy_domain::process::{ProcessCommand, ReviveRun};
+use colloquy_domain::run::DEAD_LETTER_PREFIX;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::GatewayState;
+use crate::auth::AdminUser;
+use crate::error::ApiError;
+use crate::routes::{
+    Idempotency, MinPosition, Params, committed, decode_cursor, encode_cursor, invalid_cursor,
+    limit, parse_id,
+};
+
+/// The read model serving the list.
+const SCHEMA: &str = "rm_runs";
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListParams {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct DeadLetter {
+    id: Uuid,
+    conversation_id: Uuid,
+    error: String,
+    attempts: i32,
+    finished_at: DateTime<Utc>,
+    /// The run's last event, for position waits.
+    position: i64,
+}
+
+/// `GET /v1/admin/runs/dead-letters?limit=&cursor=` → `{items: [{id, conversation_id,
+/// error, attempts, finished_at, position}], next_cursor}`, newest first; keyset
+/// paging on `(finished_at, id)`; `limit` defaults to 50, at most 200.
+pub(crate) async fn dead_letters(
+    State(state): State<GatewayState>,
+    _admin: AdminUser,
+    Params(params): Params<ListParams>,
+    min: MinPosition,
+) -> Result<Response, ApiError> {
+    let limit = limit(params.limit, 50, 200);
+    let after = params.cursor.as_deref().map(parse_cursor).transpose()?;
+    min.wait(&state, SCHEMA).await?;
+    let (after_time, after_id) = after.unzip();
+    let mut items: Vec<DeadLetter> = sqlx::query_as(
+        "SELECT id, conversation_id, error, attempts, finished_at, position
+           FROM rm_runs.runs
+          WHERE status = 'failed' AND starts_with(error, $1) AND finished_at IS NOT NULL
+            AND ($2::timestamptz IS NULL OR (finished_at, id) < ($2, $3::uuid))
+          ORDER BY finished_at DESC, id DESC
+          LIMIT $4",
+    )
+    .bind(DEAD_LETTER_PREFIX)
+    .bind(after_time)
+    .bind(after_id)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let page = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = items.len() > page;
+    items.truncate(page);
+    let next_cursor = more.then(|| items.last()).flatten().map(|last| {
+        encode_cursor(&format!(
+            "{}.{}",
+            last.finished_at.timestamp_micros(),
+            last.id
+        ))
+    });
+    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+}
+
+/// A cursor is the last item's `finished_at` (microseconds since the epoch, Postgres'
+/// precision, so the comparison is exact) and id.
+fn parse_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let raw = decode_cursor(cursor)?;
+    let (micros, id) = raw.split_once('.').ok_or_else(invalid_cursor)?;
+    let micros: i64 = micros.parse().map_err(|_| invalid_cursor())?;
+    Ok((
+        DateTime::from_timestamp_micros(micros).ok_or_else(invalid_cursor)?,
+        Uuid::try_parse(id).map_err(|_| invalid_cursor())?,
+    ))
+}
+
+/// `POST /v1/admin/runs/{run_id}/retry` → 202 `{run_id, position}`: the dead letter
+/// is `retrying` again, due now. 404 for an unknown run; 409 (`not_a_dead_letter`,
+/// `run_already_active`, `archived`) when it cannot come back.
+pub(crate) async fn retry(
+    State(state): State<GatewayState>,
+    admin: AdminUser,
+    Path(run_id): Path<String>,
+    idempotency: Idempotency,
+) -> Result<Response, ApiError> {
+    let run_id = RunId::from_uuid(parse_id(&run_id)?);
+    // From the log, not this process's cache: the run was settled by an agent elsewhere.
+    let loaded = state.commands.reload_run(run_id).await?;
+    let conversation = loaded
+        .state
+        .as_ref()
+        .map(colloquy_domain::AgentRun::conversation_id)
+        .ok_or(ApiError::NotFound)?;
+    let ctx = idempotency.context(admin.0);
+    let done = state
+        .commands
+        .process(
+            conversation,
+            run_id,
+            ProcessCommand::ReviveRun(ReviveRun {
+                not_before: Utc::now(),
+            }),
+            &ctx,
+        )
+        .await?;
+    tracing::info!(run.id = %run_id, by = %admin.0.id, "dead letter revived");
+    Ok(committed(
+        StatusCode::ACCEPTED,
+        done.position,
+        Some(json!({ "run_id": run_id, "position": done.position })),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_to_the_microsecond() {
+        let at = DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap();
+        let id = Uuid::new_v4();
+        let cursor = encode_cursor(&format!("{}.{id}", at.timestamp_micros()));
+        assert_eq!(parse_cursor(&cursor).unwrap(), (at, id));
+        assert!(parse_cursor(&encode_cursor("x.y")).is_err());
+    }
+}
