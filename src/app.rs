@@ -244,6 +244,10 @@ impl Application {
         if self.roles.contains(&Role::Agent) {
             match self.agent() {
                 Ok(agent) => {
+                    // Disabled keys come back by themselves once Gemini takes them again.
+                    tasks.extend(
+                        agent.spawn_key_reprobe(Duration::from_secs(300), shutdown.clone()),
+                    );
                     let due: Arc<dyn DueRuns> = Arc::new(PgDueRuns(self.pool.clone()));
                     tasks.push(tokio::spawn(agent.run(Some(due), shutdown.clone())));
                 }

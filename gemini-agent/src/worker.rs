@@ -39,7 +39,7 @@ use crate::context::{ContextError, build_request, estimate_tokens};
 use crate::gemini::{
     CallFailure, GeminiClient, KeyEffect, QuotaScope, RetryTimeouts, StreamEvent, UsageMetadata,
 };
-use crate::keys::{AcquireError, KeyPool, Outcome, QuotaLimit};
+use crate::keys::{AcquireError, KeyPool, KeyProbe, Outcome, ProbeError, QuotaLimit};
 
 /// The failure recorded when no key is configured: never a silent success.
 pub const NO_KEYS: &str = "no Gemini API keys configured";
@@ -197,6 +197,17 @@ impl Agent {
                 permits,
             }),
         }
+    }
+
+    /// Re-probes disabled keys every `every` until `shutdown` (nothing without keys).
+    pub fn spawn_key_reprobe(
+        &self,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let pool = self.inner.pool.as_ref()?;
+        let probe: Arc<dyn KeyProbe> = Arc::new(ClientProbe(self.inner.client.clone()));
+        Some(pool.spawn_reprobe(probe, every, shutdown))
     }
 
     /// Consumes runs and sweeps until `shutdown`; NATS trouble is retried.
@@ -865,6 +876,25 @@ impl Agent {
             Ok(_) => Ok(Handled::Retrying(reason)),
             Err(CommandError::Domain(_)) => Ok(Handled::Skipped("settled meanwhile")),
             Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The cheap call that tells whether Gemini takes a key again (`GET /v1beta/models`):
+/// a key is rejected only when the failure would disable it; anything else (a network
+/// error, an overload) is inconclusive and leaves it as it was.
+#[derive(Debug, Clone)]
+pub struct ClientProbe(pub GeminiClient);
+
+#[async_trait::async_trait]
+impl KeyProbe for ClientProbe {
+    async fn probe(&self, key: &secrecy::SecretString) -> Result<(), ProbeError> {
+        match self.0.probe(key).await {
+            Ok(()) => Ok(()),
+            Err(failure) => match failure.key_effect() {
+                KeyEffect::DisableKey { reason } => Err(ProbeError::Rejected(reason)),
+                _ => Err(ProbeError::Inconclusive(failure.reason())),
+            },
         }
     }
 }

@@ -857,3 +857,51 @@ async fn a_refused_connection_is_a_connect_failure() {
     );
     assert!(failure.is_retryable(RetryTimeouts::No));
 }
+
+#[tokio::test]
+async fn a_suspended_key_is_disabled_and_a_recheck_brings_it_back_once_gemini_takes_it() {
+    use std::sync::Arc;
+
+    use colloquy_gemini_agent::budget::MemoryBudgetStore;
+    use colloquy_gemini_agent::clock::SystemClock;
+    use colloquy_gemini_agent::keys::{KeyCheck, KeyPool, KeyState, Outcome, PoolConfig, PoolKey};
+    use colloquy_gemini_agent::worker::ClientProbe;
+
+    let h = harness(config()).await;
+    assert!(h.fake.suspend_key(KEY_A));
+    let pool = KeyPool::new(
+        PoolConfig::new(vec![PoolKey::new("alpha", KEY_A, "project-a")]),
+        Arc::new(MemoryBudgetStore::new()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let lease = pool.acquire(10).await.unwrap();
+    let failure = h
+        .client
+        .generate(lease.key(), MODEL, &ask("hi"))
+        .await
+        .unwrap_err();
+    let KeyEffect::DisableKey { reason } = failure.key_effect() else {
+        panic!("{failure:?}");
+    };
+    pool.report(lease, Outcome::KeyUnusable { reason })
+        .await
+        .unwrap();
+    let state = |snapshot: Vec<colloquy_gemini_agent::keys::KeyStatus>| snapshot[0].state;
+    assert_eq!(state(pool.snapshot().await.unwrap()), KeyState::Disabled);
+
+    let probe = ClientProbe(h.client.clone());
+    let checked = pool.recheck_disabled(&probe).await.unwrap();
+    assert!(
+        matches!(checked[0].1, KeyCheck::Rejected { .. }),
+        "still suspended: {checked:?}"
+    );
+    assert_eq!(state(pool.snapshot().await.unwrap()), KeyState::Disabled);
+
+    assert!(h.fake.unsuspend_key(KEY_A));
+    let checked = pool.recheck_disabled(&probe).await.unwrap();
+    assert_eq!(checked[0].1, KeyCheck::Usable);
+    assert_eq!(state(pool.snapshot().await.unwrap()), KeyState::Ready);
+    // Usable again: the pool leases it.
+    assert_eq!(pool.acquire(10).await.unwrap().label(), "alpha");
+}
