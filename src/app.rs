@@ -152,7 +152,7 @@ impl Application {
         // One pool per process: the agent spends from it and the admin view reads it, so
         // both see the same budgets and key health.
         let keys = if roles.contains(&Role::Agent) || roles.contains(&Role::Gateway) {
-            key_pool(&config, &nats).await?
+            key_pool(&config, &nats, false).await?
         } else {
             None
         };
@@ -337,9 +337,14 @@ impl Application {
 /// The Gemini key pool (`None` when no keys are configured), with its budgets shared
 /// through a JetStream key-value bucket, or kept in memory where the server cannot
 /// hold one.
-async fn key_pool(
+///
+/// With `shared_only`, a NATS server without a key-value store is an error instead of a
+/// process-local fallback: `colloquy admin keys` runs in a process of its own, where
+/// local budgets would show every key as idle and a recheck would change nothing.
+pub(crate) async fn key_pool(
     config: &Config,
     nats: &async_nats::Client,
+    shared_only: bool,
 ) -> anyhow::Result<Option<Arc<KeyPool>>> {
     let pool_config = config.gemini_pool.clone();
     if pool_config.keys.is_empty() {
@@ -355,6 +360,11 @@ async fn key_pool(
     .await
     {
         Ok(store) => Arc::new(store),
+        Err(error) if shared_only => {
+            return Err(anyhow::Error::new(error).context(
+                "Failed to open the key pool's shared budgets (NATS needs JetStream with key-value stores: 2.10 or later)",
+            ));
+        }
         Err(error) => {
             tracing::warn!(error = %error, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
             Arc::new(MemoryBudgetStore::new())

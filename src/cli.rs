@@ -38,6 +38,9 @@ pub enum Command {
     /// keep being served; with --verify, rebuild into scratch tables and report every
     /// difference from the live ones instead (exit status 1 if any).
     Replay(ReplayArgs),
+    /// Operators' tools: streams, events, projections, dead-lettered runs, the Gemini
+    /// key pool, users and tokens (the `/v1/admin` routes, straight on the database).
+    Admin(crate::admin::AdminArgs),
     /// Measure this build on this machine (see docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -166,6 +169,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(&cli)?;
             let _telemetry = telemetry::init(config.settings.rust_log.as_deref(), None)?;
             crate::replay::run(&config, args).await
+        }
+        Command::Admin(args) => {
+            let config = load(&cli)?;
+            let _telemetry = telemetry::init(config.settings.rust_log.as_deref(), None)?;
+            crate::admin::run(&config, args).await
         }
         Command::Bench(command) => crate::bench::run(cli.config.as_deref(), command).await,
         Command::Dev(DevCommand::FakeGemini(args)) => fake_gemini(args).await,

@@ -6,8 +6,10 @@
 //! - [`telemetry`]: tracing and OpenTelemetry set-up.
 //! - [`shutdown`]: the process's cancellation token and signals.
 //! - [`app`]: [`Application::build`] and [`Application::run_until_stopped`].
+//! - [`admin`]: `colloquy admin …`, the operators' tools.
 //! - [`cli`]: the subcommands.
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod cli;

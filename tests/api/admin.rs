@@ -61,7 +61,9 @@ async fn projections_until(
 
 /// A fake whose every call fails, and an agent with no retries left after one attempt:
 /// each run it handles becomes a dead letter.
-async fn failing_agent(app: &TestApp) -> (FakeGemini, colloquy_gemini_agent::worker::Agent) {
+pub(crate) async fn failing_agent(
+    app: &TestApp,
+) -> (FakeGemini, colloquy_gemini_agent::worker::Agent) {
     let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
         .await
         .unwrap();
@@ -89,7 +91,7 @@ async fn failing_agent(app: &TestApp) -> (FakeGemini, colloquy_gemini_agent::wor
 
 /// A run of `user`'s that the agent gave up on: a dead letter, applied to the runs
 /// read model. Returns it and its state as `GET /v1/runs/{id}` shows it.
-async fn dead_letter(
+pub(crate) async fn dead_letter(
     app: &TestApp,
     user: &TestUser,
     agent: &colloquy_gemini_agent::worker::Agent,

@@ -319,3 +319,360 @@ async fn serve_with_the_gemini_double_answers_a_run() {
     child.wait().unwrap();
     assert_eq!(status["status"], "succeeded", "{status}");
 }
+
+// ---------------------------------------------------------------- admin --
+
+/// The JWT secret the app and the CLI share in the admin tests.
+const ADMIN_JWT_SECRET: &str = "a test secret that is at least thirty-two bytes long";
+
+/// `colloquy admin …` against the app's database and NATS prefix.
+fn admin(app: &crate::helpers::TestApp) -> Command {
+    let mut command = colloquy();
+    command
+        .arg("admin")
+        .env("DATABASE_URL", &app.db.url)
+        .env("NATS_URL", colloquy_testkit::nats_url())
+        .env("COLLOQUY_SUBJECT_PREFIX", &app.prefix)
+        .env("COLLOQUY_STREAM", app.prefix.to_uppercase())
+        .env("COLLOQUY_JWT_SECRET", ADMIN_JWT_SECRET);
+    command
+}
+
+/// Runs `command`, asserting success; its stdout as JSON.
+fn json_of(command: &mut Command) -> serde_json::Value {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn admin_users_create_and_a_cli_token_opens_the_admin_routes() {
+    use std::io::Write as _;
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.jwt_secret = Some(secrecy::SecretString::from(ADMIN_JWT_SECRET));
+    })
+    .await;
+    let email = format!("ops-{}@example.com", uuid::Uuid::new_v4().simple());
+    let mut child = admin(&app)
+        .args([
+            "users",
+            "create",
+            "--email",
+            &email,
+            "--password-stdin",
+            "--admin",
+            "--json",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a long enough password\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(created["email"], email.as_str());
+    assert_eq!(created["is_admin"], true);
+    // The password works on the app's login.
+    let login = app
+        .client
+        .post(app.url("/v1/auth/login"))
+        .json(&serde_json::json!({"email": email, "password": "a long enough password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+
+    let issued = admin(&app)
+        .args(["tokens", "issue", &email, "--ttl", "1h"])
+        .output()
+        .unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let token = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    let listed = app
+        .client
+        .get(app.url("/v1/admin/projections"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+
+    // Revoked: a new token lacks the role; granted again by email: it has it.
+    let id = created["id"].as_str().unwrap();
+    let revoked = json_of(admin(&app).args(["users", "revoke-admin", id, "--json"]));
+    assert_eq!(revoked["is_admin"], false);
+    let issued = json_of(admin(&app).args(["tokens", "issue", id, "--json"]));
+    assert_eq!(issued["admin"], false);
+    let forbidden = app
+        .client
+        .get(app.url("/v1/admin/projections"))
+        .bearer_auth(issued["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403);
+    let granted = json_of(admin(&app).args(["users", "grant-admin", &email, "--json"]));
+    assert_eq!(granted["is_admin"], true);
+
+    // Disabled: login answers as for a wrong password, and no token is issued.
+    let disabled = json_of(admin(&app).args(["users", "disable", &email, "--json"]));
+    assert_eq!(disabled["disabled"], true);
+    let login = app
+        .client
+        .post(app.url("/v1/auth/login"))
+        .json(&serde_json::json!({"email": email, "password": "a long enough password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 401);
+    let refused = admin(&app)
+        .args(["tokens", "issue", &email])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+
+    // The projections' status, as a table and as JSON.
+    let status = json_of(admin(&app).args(["projections", "status", "--json"]));
+    assert_eq!(status["items"].as_array().unwrap().len(), 3, "{status}");
+    let table = admin(&app)
+        .args(["projections", "status"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("CHECKPOINT"));
+}
+
+#[tokio::test]
+async fn admin_streams_read_and_events_tail_show_what_a_command_wrote() {
+    let app = crate::helpers::spawn_app().await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    app.send_message(&user, &conversation, "hello from the log", false)
+        .await;
+    let tail =
+        json_of(admin(&app).args(["events", "tail", "--category", "conversation", "--json"]));
+    let items = tail["items"].as_array().unwrap();
+    let sent = items
+        .iter()
+        .find(|e| e["type"] == "MessageSent")
+        .unwrap_or_else(|| panic!("{tail}"));
+    assert_eq!(sent["data"]["text"], "hello from the log", "{sent}");
+    let stream = sent["stream_name"].as_str().unwrap();
+    assert!(stream.contains(&conversation), "{stream}");
+    let only = json_of(admin(&app).args([
+        "events",
+        "tail",
+        "--category",
+        "conversation",
+        "--type",
+        "MessageSent",
+        "--json",
+    ]));
+    assert_eq!(only["items"].as_array().unwrap().len(), 1, "{only}");
+
+    let read = json_of(admin(&app).args(["streams", "read", stream, "--json"]));
+    let types: Vec<&str> = read["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert!(types.contains(&"MessageSent"), "{read}");
+    let from_one = json_of(admin(&app).args(["streams", "read", stream, "--from", "1", "--json"]));
+    assert_eq!(from_one["items"][0]["position"], 1, "{from_one}");
+    let table = admin(&app)
+        .args(["streams", "read", stream])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("MessageSent"));
+}
+
+#[tokio::test]
+async fn admin_runs_lists_and_retries_a_dead_letter() {
+    let app = crate::helpers::app_without_agent().await;
+    let user = app.register_and_login().await;
+    let (_fake, agent) = crate::admin::failing_agent(&app).await;
+    let (run, _) = crate::admin::dead_letter(&app, &user, &agent).await;
+    let run = run.as_uuid().to_string();
+
+    let listed = json_of(admin(&app).args(["runs", "dead-letters", "--json"]));
+    assert_eq!(listed["items"][0]["id"], run.as_str(), "{listed}");
+    let table = admin(&app).args(["runs", "dead-letters"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&run));
+
+    let retried = json_of(admin(&app).args(["runs", "retry", &run, "--json"]));
+    assert_eq!(retried["run_id"], run.as_str(), "{retried}");
+    // No longer a dead letter: a second retry fails.
+    let again = admin(&app).args(["runs", "retry", &run]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+
+    // An unknown id is a failure (1); a malformed one is bad usage (2).
+    let unknown = admin(&app)
+        .args(["runs", "retry", &uuid::Uuid::new_v4().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no run"));
+    let malformed = admin(&app)
+        .args(["runs", "retry", "not-a-uuid"])
+        .output()
+        .unwrap();
+    assert_eq!(malformed.status.code(), Some(2));
+    let unknown_user = admin(&app)
+        .args(["users", "grant-admin", "nobody@example.com"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown_user.status.code(), Some(1));
+    let no_subcommand = admin(&app).args(["runs"]).output().unwrap();
+    assert_eq!(no_subcommand.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn admin_keys_status_never_prints_a_key() {
+    let app = crate::helpers::app_without_agent().await;
+    let keys = "main=AIzaSecretKeyOne@proj-a,spare=AIzaSecretKeyTwo@proj-b";
+    for args in [&["keys", "status"][..], &["keys", "status", "--json"][..]] {
+        let output = admin(&app)
+            .args(args)
+            .env("GEMINI_API_KEYS", keys)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stdout}{stderr}");
+        assert!(
+            stdout.contains("main") && stdout.contains("spare"),
+            "{stdout}"
+        );
+        for secret in ["AIzaSecretKeyOne", "AIzaSecretKeyTwo"] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{secret} leaked"
+            );
+        }
+    }
+    let help = colloquy()
+        .args(["admin", "keys", "recheck", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("label"));
+}
+
+#[tokio::test]
+async fn admin_events_tail_follow_prints_new_events_as_they_are_committed() {
+    use std::io::BufRead as _;
+    let app = crate::helpers::spawn_app().await;
+    let user = app.register_and_login().await;
+    let mut child = admin(&app)
+        .args([
+            "events",
+            "tail",
+            "--follow",
+            "--json",
+            "--category",
+            "conversation",
+            "--type",
+            "MessageSent",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let conversation = app.create_conversation(&user).await;
+    app.send_message(&user, &conversation, "followed", false)
+        .await;
+    let line = tokio::task::spawn_blocking(move || {
+        received.recv_timeout(std::time::Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(&line.expect("an event within 20 s")).unwrap();
+    assert_eq!(event["type"], "MessageSent", "{event}");
+    assert_eq!(event["data"]["text"], "followed", "{event}");
+}
+
+#[tokio::test]
+async fn admin_keys_recheck_disables_a_rejected_key_and_status_shows_it() {
+    use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini};
+    let app = crate::helpers::app_without_agent().await;
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let keyed = |command: &mut Command| {
+        command.env("GEMINI_BASE_URL", fake.base_url()).env(
+            "GEMINI_API_KEYS",
+            "main=fake-key-1@proj-a,stale=AIzaRevokedKey@proj-b",
+        );
+    };
+    // The fake answers on this test's runtime: the CLI waits on another thread.
+    let mut recheck = admin(&app);
+    recheck.args(["keys", "recheck", "--json"]);
+    keyed(&mut recheck);
+    let checked = tokio::task::spawn_blocking(move || json_of(&mut recheck))
+        .await
+        .unwrap();
+    let result_of = |label: &str| {
+        checked["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["label"] == label)
+            .map(|item| item["result"].clone())
+    };
+    assert_eq!(result_of("main"), Some("usable".into()), "{checked}");
+    assert_eq!(result_of("stale"), Some("rejected".into()), "{checked}");
+    assert!(!checked.to_string().contains("AIzaRevokedKey"));
+
+    let mut status = admin(&app);
+    status.args(["keys", "status", "--json"]);
+    keyed(&mut status);
+    let shown = json_of(&mut status);
+    let stale = shown["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["label"] == "stale")
+        .cloned()
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert_eq!(stale["state"], "disabled", "{stale}");
+
+    let mut unknown = admin(&app);
+    unknown.args(["keys", "recheck", "nope"]);
+    keyed(&mut unknown);
+    let unknown = tokio::task::spawn_blocking(move || unknown.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+}

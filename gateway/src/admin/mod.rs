@@ -11,10 +11,15 @@
 //!
 //! The operator's id is the acting user of what these routes append, so the log
 //! records who revived a run.
+//!
+//! `colloquy admin …` offers the same operations without a gateway; the queries and
+//! commands both need live in public functions here ([`projections::projection_states`],
+//! [`runs::list_dead_letters`], [`runs::revive_dead_letter`]) rather than inside the
+//! handlers, so the two cannot drift apart.
 
 mod keys;
-mod projections;
-mod runs;
+pub mod projections;
+pub mod runs;
 mod streams;
 mod users;
 

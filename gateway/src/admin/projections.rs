@@ -90,6 +90,39 @@ impl Rebuilds {
     }
 }
 
+/// One read model as the log and the rebuild locks show it: its lag and whether a
+/// rebuild holds its lock (in any process). Shared by the HTTP list and `colloquy admin
+/// projections status`.
+#[derive(Debug)]
+pub struct ProjectionState {
+    pub lag: ProjectionLag,
+    /// A rebuild holds the projection's lock.
+    pub rebuilding: bool,
+}
+
+impl ProjectionState {
+    /// `rebuilding`, `catching_up` (events in the log after the checkpoint) or `live`.
+    pub fn state(&self, rebuilding_here: bool) -> &'static str {
+        if self.rebuilding || rebuilding_here {
+            "rebuilding"
+        } else if self.lag.lag.events > 0 {
+            "catching_up"
+        } else {
+            "live"
+        }
+    }
+}
+
+/// Every projection's lag and rebuild lock, in `all_projections` order.
+pub async fn projection_states(pool: &sqlx::PgPool) -> anyhow::Result<Vec<ProjectionState>> {
+    let mut states = Vec::new();
+    for lag in lags(pool).await? {
+        let rebuilding = replay::is_rebuilding(pool, lag.projection.as_ref()).await?;
+        states.push(ProjectionState { lag, rebuilding });
+    }
+    Ok(states)
+}
+
 /// `GET /v1/admin/projections` → `{items: [{name, checkpoint, lag_events, lag_seconds,
 /// state, last_rebuild}]}`. `state` is `rebuilding` (here or in another process),
 /// `catching_up` (events in the log after the checkpoint) or `live`; `last_rebuild` is
@@ -98,21 +131,16 @@ pub(crate) async fn list(
     State(state): State<GatewayState>,
     _admin: AdminUser,
 ) -> Result<Response, ApiError> {
-    let lags = lags(&state.pool).await.map_err(ApiError::internal)?;
-    let mut items = Vec::with_capacity(lags.len());
-    for ProjectionLag { projection, lag } in lags {
+    let states = projection_states(&state.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut items = Vec::with_capacity(states.len());
+    for found in states {
+        let projection = &found.lag.projection;
+        let lag = found.lag.lag;
         let last_rebuild = state.rebuilds.get(projection.name());
-        let rebuilding = last_rebuild.as_ref().is_some_and(|r| r.status == "running")
-            || replay::is_rebuilding(&state.pool, projection.as_ref())
-                .await
-                .map_err(ApiError::internal)?;
-        let projection_state = if rebuilding {
-            "rebuilding"
-        } else if lag.events > 0 {
-            "catching_up"
-        } else {
-            "live"
-        };
+        let projection_state =
+            found.state(last_rebuild.as_ref().is_some_and(|r| r.status == "running"));
         items.push(json!({
             "name": projection.name(),
             "checkpoint": lag.checkpoint,

@@ -12,9 +12,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use colloquy_commands::{CommandError, Commands, Context};
 use colloquy_domain::RunId;
 use colloquy_domain::process::{ProcessCommand, ReviveRun};
 use colloquy_domain::run::DEAD_LETTER_PREFIX;
+use colloquy_eventstore::GlobalPosition;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
@@ -36,15 +38,71 @@ pub(crate) struct ListParams {
     cursor: Option<String>,
 }
 
+/// A run whose retries ran out, as the runs read model shows it.
 #[derive(Debug, Serialize, sqlx::FromRow)]
-struct DeadLetter {
-    id: Uuid,
-    conversation_id: Uuid,
-    error: String,
-    attempts: i32,
-    finished_at: DateTime<Utc>,
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub error: String,
+    pub attempts: i32,
+    pub finished_at: DateTime<Utc>,
     /// The run's last event, for position waits.
-    position: i64,
+    pub position: i64,
+}
+
+/// Up to `limit` dead letters, newest first, after `after` (`(finished_at, id)` of the
+/// last one already seen). Shared by the HTTP list and `colloquy admin runs
+/// dead-letters`, so both show the same runs.
+pub async fn list_dead_letters(
+    pool: &sqlx::PgPool,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let (after_time, after_id) = after.unzip();
+    sqlx::query_as(
+        "SELECT id, conversation_id, error, attempts, finished_at, position
+           FROM rm_runs.runs
+          WHERE status = 'failed' AND starts_with(error, $1) AND finished_at IS NOT NULL
+            AND ($2::timestamptz IS NULL OR (finished_at, id) < ($2, $3::uuid))
+          ORDER BY finished_at DESC, id DESC
+          LIMIT $4",
+    )
+    .bind(DEAD_LETTER_PREFIX)
+    .bind(after_time)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Revives the dead letter `run_id` (the domain's `ReviveRun`, due now) as `ctx`'s
+/// user; `Ok(None)` when the log has no such run. Read from the log, not a cache: the
+/// run was settled by an agent elsewhere. Shared by the HTTP retry and `colloquy admin
+/// runs retry`.
+pub async fn revive_dead_letter(
+    commands: &Commands,
+    run_id: RunId,
+    ctx: &Context,
+) -> Result<Option<GlobalPosition>, CommandError> {
+    let loaded = commands.reload_run(run_id).await?;
+    let Some(conversation) = loaded
+        .state
+        .as_ref()
+        .map(colloquy_domain::AgentRun::conversation_id)
+    else {
+        return Ok(None);
+    };
+    let done = commands
+        .process(
+            conversation,
+            run_id,
+            ProcessCommand::ReviveRun(ReviveRun {
+                not_before: Utc::now(),
+            }),
+            ctx,
+        )
+        .await?;
+    Ok(Some(done.position))
 }
 
 /// `GET /v1/admin/runs/dead-letters?limit=&cursor=` → `{items: [{id, conversation_id,
@@ -59,21 +117,7 @@ pub(crate) async fn dead_letters(
     let limit = limit(params.limit, 50, 200);
     let after = params.cursor.as_deref().map(parse_cursor).transpose()?;
     min.wait(&state, SCHEMA).await?;
-    let (after_time, after_id) = after.unzip();
-    let mut items: Vec<DeadLetter> = sqlx::query_as(
-        "SELECT id, conversation_id, error, attempts, finished_at, position
-           FROM rm_runs.runs
-          WHERE status = 'failed' AND starts_with(error, $1) AND finished_at IS NOT NULL
-            AND ($2::timestamptz IS NULL OR (finished_at, id) < ($2, $3::uuid))
-          ORDER BY finished_at DESC, id DESC
-          LIMIT $4",
-    )
-    .bind(DEAD_LETTER_PREFIX)
-    .bind(after_time)
-    .bind(after_id)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
+    let mut items = list_dead_letters(&state.pool, after, limit + 1).await?;
     let page = usize::try_from(limit).unwrap_or(usize::MAX);
     let more = items.len() > page;
     items.truncate(page);
@@ -109,30 +153,15 @@ pub(crate) async fn retry(
     idempotency: Idempotency,
 ) -> Result<Response, ApiError> {
     let run_id = RunId::from_uuid(parse_id(&run_id)?);
-    // From the log, not this process's cache: the run was settled by an agent elsewhere.
-    let loaded = state.commands.reload_run(run_id).await?;
-    let conversation = loaded
-        .state
-        .as_ref()
-        .map(colloquy_domain::AgentRun::conversation_id)
-        .ok_or(ApiError::NotFound)?;
     let ctx = idempotency.context(admin.0);
-    let done = state
-        .commands
-        .process(
-            conversation,
-            run_id,
-            ProcessCommand::ReviveRun(ReviveRun {
-                not_before: Utc::now(),
-            }),
-            &ctx,
-        )
-        .await?;
+    let position = revive_dead_letter(&state.commands, run_id, &ctx)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     tracing::info!(run.id = %run_id, by = %admin.0.id, "dead letter revived");
     Ok(committed(
         StatusCode::ACCEPTED,
-        done.position,
-        Some(json!({ "run_id": run_id, "position": done.position })),
+        position,
+        Some(json!({ "run_id": run_id, "position": position })),
     ))
 }
 

@@ -24,7 +24,7 @@ pub mod input;
 pub mod password;
 mod rate_limit;
 mod routes;
-mod store;
+pub mod store;
 pub mod tokens;
 
 use std::path::PathBuf;

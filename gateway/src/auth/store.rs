@@ -165,3 +165,68 @@ pub async fn revoke_family_of(
     .await?;
     Ok(done.rows_affected())
 }
+
+/// An account as operators see it (`colloquy admin users …`). Never the hash.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Account {
+    pub id: Uuid,
+    pub email: String,
+    pub is_admin: bool,
+    pub disabled: bool,
+}
+
+/// The account with this id or (lower-cased) email.
+pub async fn find_account(
+    pool: &PgPool,
+    id_or_email: &str,
+) -> Result<Option<Account>, sqlx::Error> {
+    let id = Uuid::try_parse(id_or_email).ok();
+    let row = sqlx::query(
+        "SELECT id, email, is_admin, disabled FROM colloquy.users
+          WHERE ($1::uuid IS NOT NULL AND id = $1) OR email = $2",
+    )
+    .bind(id)
+    .bind(id_or_email.trim().to_lowercase())
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok(Account {
+            id: row.try_get("id")?,
+            email: row.try_get("email")?,
+            is_admin: row.try_get("is_admin")?,
+            disabled: row.try_get("disabled")?,
+        })
+    })
+    .transpose()
+}
+
+/// Grants or revokes the admin role. It reaches tokens at the next login or refresh
+/// (access tokens carry it and are not revocable).
+pub async fn set_admin(pool: &PgPool, id: Uuid, admin: bool) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE colloquy.users SET is_admin = $2 WHERE id = $1")
+        .bind(id)
+        .bind(admin)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Disables an account and revokes every refresh token it holds, in one transaction,
+/// so no session outlives the change by more than an access token's lifetime. Returns
+/// how many tokens were revoked.
+pub async fn disable_account(pool: &PgPool, id: Uuid) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE colloquy.users SET disabled = true WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let revoked = sqlx::query(
+        "UPDATE colloquy.refresh_tokens SET revoked_at = now()
+          WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(revoked.rows_affected())
+}
