@@ -243,8 +243,11 @@ async fn the_projections_reach_the_log_head_and_rebuild_on_request() {
     let started: Value = response.json().await.unwrap();
     assert_eq!(started["name"], "messages");
     assert_eq!(started["state"], "rebuilding");
+    // The rebuild's lock goes with its session, which closes just after the rebuild
+    // reports: wait for both.
     let items = projections_until(&app, &admin, "the messages rebuild", |items| {
         items["messages"]["last_rebuild"]["status"] == "succeeded"
+            && items["messages"]["state"] == "live"
     })
     .await;
     let messages = &items["messages"];
