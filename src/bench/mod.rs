@@ -8,13 +8,22 @@
 //!
 //! - [`append`]: `bench append`, the write path against a raw-insert ceiling, `$all`
 //!   reads and loading a long conversation.
+//! - [`http`]: `bench http`, the gateway's send-message and page latency at a fixed
+//!   rate and its throughput at saturation.
+//! - [`sse`]: `bench sse`, many live-feed subscribers on one gateway: delivery
+//!   latency and the gateway's memory.
+//! - [`agent`]: `bench agent`, the Gemini agent against the fake Gemini: its overhead,
+//!   runs per minute within quotas, and settling under random failures.
 //! - [`scratch`]: the scratch database.
 //! - [`report`]: latency histograms, result rows, the table and machine facts.
 
+pub mod agent;
 pub mod append;
+pub mod http;
 pub mod readside;
 pub mod report;
 pub mod scratch;
+pub mod sse;
 
 use std::path::Path;
 
@@ -37,6 +46,15 @@ pub enum BenchCommand {
     Lag(readside::LagArgs),
     /// Events per second one relay publishes to JetStream.
     Relay(readside::RelayArgs),
+    /// The gateway: send-message at a fixed rate and at saturation, and reading a
+    /// conversation page.
+    Http(http::HttpArgs),
+    /// Many SSE subscribers on one gateway (a child process): delivery latency and
+    /// the gateway's memory.
+    Sse(sse::SseArgs),
+    /// The Gemini agent against the fake Gemini: overhead before the call, runs per
+    /// minute within quotas, and random failures.
+    Agent(agent::AgentArgs),
 }
 
 /// Runs a benchmark. `config` is the `--config` file, if any.
@@ -59,6 +77,18 @@ pub async fn run(config: Option<&Path>, command: &BenchCommand) -> anyhow::Resul
         BenchCommand::Relay(args) => {
             let url = database_url(args.database_url.as_deref(), &settings)?;
             readside::relay(&url, &settings, args).await
+        }
+        BenchCommand::Http(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            http::run(&url, &settings, args).await
+        }
+        BenchCommand::Sse(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            sse::run(&url, &settings, args).await
+        }
+        BenchCommand::Agent(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            agent::run(&url, &settings, args).await
         }
     }
 }

@@ -25,6 +25,7 @@ pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Latency {
     pub p50_ms: f64,
+    pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
@@ -38,6 +39,7 @@ impl Latency {
         let ms = |us: u64| us as f64 / 1000.0;
         Self {
             p50_ms: ms(histogram.value_at_quantile(0.50)),
+            p90_ms: ms(histogram.value_at_quantile(0.90)),
             p99_ms: ms(histogram.value_at_quantile(0.99)),
             max_ms: ms(histogram.max()),
             mean_ms: histogram.mean() / 1000.0,
@@ -190,7 +192,7 @@ pub fn targets(targets: &[Target]) -> String {
         .unwrap_or(0);
     let mut out = String::new();
     for t in targets {
-        let value = if t.unit == "events/s" {
+        let value = if t.unit == "events/s" || t.value.abs() >= 1000.0 {
             thousands(t.value)
         } else {
             format!("{:.2}", t.value)
@@ -217,6 +219,9 @@ pub struct Machine {
     pub load_before: Option<[f64; 3]>,
     pub load_after: Option<[f64; 3]>,
     pub postgres: Value,
+    /// The NATS server's version, for benchmarks that use NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
 }
 
 impl Machine {
@@ -245,6 +250,7 @@ impl Machine {
             load_before: load_average(),
             load_after: None,
             postgres: Value::Object(postgres),
+            nats: None,
         }
     }
 
@@ -263,8 +269,12 @@ impl Machine {
                 .unwrap_or("?")
                 .to_owned()
         };
+        let nats = self
+            .nats
+            .as_deref()
+            .map_or_else(String::new, |v| format!("; NATS {v}"));
         format!(
-            "{date}; {cpus} CPUs, {mem} GiB; Postgres {version} (fsync {fsync}, synchronous_commit {sync}, shared_buffers {sb}); load average {before} before, {after} after",
+            "{date}; {cpus} CPUs, {mem} GiB; Postgres {version} (fsync {fsync}, synchronous_commit {sync}, shared_buffers {sb}){nats}; load average {before} before, {after} after",
             date = self.date,
             cpus = self.cpus,
             mem = self
@@ -289,6 +299,173 @@ pub fn load_average() -> Option<[f64; 3]> {
         fields.next()?.ok()?,
         fields.next()?.ok()?,
     ])
+}
+
+/// A process's memory, from `/proc/<pid>/status` (Linux).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ProcessMemory {
+    /// Resident set size now (`VmRSS`), MB (10⁶ bytes).
+    pub rss_mb: f64,
+    /// The largest resident set size so far (`VmHWM`), MB.
+    pub peak_rss_mb: f64,
+}
+
+impl ProcessMemory {
+    /// The memory of process `pid`, or of this process with `None`.
+    pub fn of(pid: Option<u32>) -> Option<Self> {
+        let path = pid.map_or_else(
+            || "/proc/self/status".to_owned(),
+            |pid| format!("/proc/{pid}/status"),
+        );
+        let text = std::fs::read_to_string(path).ok()?;
+        let field = |name: &str| -> Option<f64> {
+            let line = text.lines().find(|l| l.starts_with(name))?;
+            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024.0 / 1e6)
+        };
+        Some(Self {
+            rss_mb: field("VmRSS:")?,
+            peak_rss_mb: field("VmHWM:")?,
+        })
+    }
+}
+
+/// CPU seconds (user + system) process `pid` (or this one, with `None`) has used,
+/// from `/proc/<pid>/stat`. Linux reports them in clock ticks of 1/100 s (`USER_HZ`,
+/// 100 on every mainstream architecture).
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |pid| format!("/proc/{pid}/stat"),
+    );
+    let text = std::fs::read_to_string(path).ok()?;
+    // The command name is in parentheses and may contain spaces: count fields after it.
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime); `rest` starts at field 3 (state).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds used so far by every process named `name` (the command name, e.g.
+/// `postgres` for the server and all its backends), from `/proc/*/stat`. Processes
+/// that exit take their time with them, so a delta is only meaningful over processes
+/// that live through it (connection pools, servers).
+pub fn cpu_seconds_named(name: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let comm = text
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map(|(comm, _)| comm);
+        if comm == Some(name) {
+            total += cpu_seconds(Some(pid)).unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+/// CPU time of this process, Postgres and NATS, read before a scenario; [`CpuUse::since`]
+/// turns it into cores used.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    at: std::time::Instant,
+    process: f64,
+    postgres: f64,
+    nats: f64,
+}
+
+/// Cores (CPU seconds per second) used over a scenario.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuUse {
+    /// This process (with the application in it, and the load generator).
+    pub process: f64,
+    /// Every `postgres` process.
+    pub postgres: f64,
+    /// Every `nats-server` process.
+    pub nats: f64,
+}
+
+impl CpuMark {
+    pub fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            process: cpu_seconds(None).unwrap_or(0.0),
+            postgres: cpu_seconds_named("postgres"),
+            nats: cpu_seconds_named("nats-server"),
+        }
+    }
+}
+
+impl CpuUse {
+    /// The cores used since `mark`.
+    pub fn since(mark: CpuMark) -> Self {
+        let now = CpuMark::now();
+        let seconds = now.at.duration_since(mark.at).as_secs_f64().max(1e-9);
+        Self {
+            process: (now.process - mark.process) / seconds,
+            postgres: (now.postgres - mark.postgres) / seconds,
+            nats: (now.nats - mark.nats) / seconds,
+        }
+    }
+
+    /// e.g. "CPU cores: this process 0.64, Postgres 1.10, NATS 0.05".
+    pub fn text(&self, process: &str) -> String {
+        format!(
+            "CPU cores: {process} {:.2}, Postgres {:.2}, NATS {:.2}",
+            self.process, self.postgres, self.nats
+        )
+    }
+}
+
+/// This process's soft limit on open files (`/proc/self/limits`).
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Prints a benchmark's rows and targets as a table, or as one JSON document with the
+/// machine, the settings the run used and anything `extra` holds.
+pub fn print(
+    title: &str,
+    machine: &Machine,
+    settings: Value,
+    rows: &[Row],
+    targets_met: &[Target],
+    extra: Value,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let mut document = serde_json::json!({
+            "command": title,
+            "settings": settings,
+            "machine": machine,
+            "scenarios": rows,
+            "targets": targets_met,
+        });
+        if let (Value::Object(document), Value::Object(extra)) = (&mut document, extra) {
+            document.extend(extra);
+        }
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        println!("{title}\n{}\n\n{}", machine.summary(), table(rows));
+        if !targets_met.is_empty() {
+            println!("targets:\n{}", targets(targets_met));
+        }
+    }
+    Ok(())
 }
 
 fn memory_gib() -> Option<f64> {
