@@ -739,6 +739,10 @@ impl Bench<'_> {
             }
             let calls = generation_calls(&fake);
             let all_calls: u64 = calls.values().sum();
+            let retried = runs
+                .iter()
+                .filter(|r| facts.get(r).is_some_and(|f| f.retries > 0))
+                .count();
             let latency = Latency::of(&latency);
             let row = Row {
                 key: "agent_faults",
@@ -762,13 +766,13 @@ impl Bench<'_> {
                     "runs_not_settled": unsettled,
                     "runs_with_more_than_one_reply": twice,
                     "runs_completed_more_than_once": completed_twice,
-                    "runs_retried_later": runs.iter().filter(|r| facts.get(r).is_some_and(|f| f.retries > 0)).count(),
+                    "runs_retried_later": retried,
                     "attempts": runs.iter().filter_map(|r| facts.get(r)).map(|f| f.started.len()).sum::<usize>(),
                     "gemini_calls_by_status": calls,
                     "gemini_calls": all_calls,
                 }),
                 notes: format!(
-                    "{}; {unsettled} not settled; {twice} with two replies; {all_calls} Gemini calls for {} runs",
+                    "{}; {unsettled} not settled; {twice} with two replies; {retried} rescheduled; {all_calls} Gemini calls for {} runs",
                     statuses
                         .iter()
                         .map(|(s, n)| format!("{n} {s}"))
