@@ -414,7 +414,6 @@ impl Agent {
         let Some(state) = loaded.state else {
             return Ok(Handled::Skipped("no such run"));
         };
-        let ctx = self.context(run).await;
         match state.status() {
             RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled => {
                 return Ok(Handled::Skipped("already settled"));
@@ -422,43 +421,61 @@ impl Agent {
             RunStatus::RetryScheduled if state.not_before().is_some_and(|t| t > Utc::now()) => {
                 return Ok(Handled::Skipped("not due yet"));
             }
-            RunStatus::Running => {
-                let take_over = match trigger {
-                    Trigger::Delivered => false,
-                    Trigger::Redelivered => true,
-                    Trigger::Sweep => {
-                        self.silent_for(run, self.inner.settings.stale_after)
-                            .await?
-                    }
-                };
-                if !take_over {
-                    return Ok(Handled::Skipped("another agent is running it"));
-                }
-                // Its agent stopped mid-attempt: close that attempt, retry now.
-                let attempt = state.attempt();
-                match commands
-                    .run(
-                        run,
-                        RunCommand::ScheduleRetry {
-                            attempt,
-                            reason: format!("the agent running attempt {attempt} stopped"),
-                            not_before: Utc::now(),
-                        },
-                        &ctx,
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(CommandError::Domain(_)) => return Ok(Handled::Skipped("moved on")),
-                    Err(error) => return Err(error.into()),
-                }
-            }
             _ => {}
+        }
+        // Read once, only for a run there is work on: the request's model, instructions
+        // and trace.
+        let requested = commands
+            .store()
+            .read_stream(&run.stream_name(), 0, 1)
+            .await
+            .map_err(CommandError::from)?;
+        let request_data = requested
+            .first()
+            .map(|e| e.data.clone())
+            .unwrap_or_default();
+        // The requester's context, with the request's trace.
+        let ctx = Context::new(state.requested_by()).with_traceparent(
+            requested
+                .first()
+                .and_then(wire::traceparent)
+                .map(str::to_owned),
+        );
+        if state.status() == RunStatus::Running {
+            let take_over = match trigger {
+                Trigger::Delivered => false,
+                Trigger::Redelivered => true,
+                Trigger::Sweep => {
+                    self.silent_for(run, self.inner.settings.stale_after)
+                        .await?
+                }
+            };
+            if !take_over {
+                return Ok(Handled::Skipped("another agent is running it"));
+            }
+            // Its agent stopped mid-attempt: close that attempt, retry now.
+            let attempt = state.attempt();
+            match commands
+                .run(
+                    run,
+                    RunCommand::ScheduleRetry {
+                        attempt,
+                        reason: format!("the agent running attempt {attempt} stopped"),
+                        not_before: Utc::now(),
+                    },
+                    &ctx,
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(CommandError::Domain(_)) => return Ok(Handled::Skipped("moved on")),
+                Err(error) => return Err(error.into()),
+            }
         }
         let Some(pool) = self.inner.pool.clone() else {
             return self.fail(&state, NO_KEYS.to_owned(), &ctx).await;
         };
-        self.attempt(&state, &pool, &ctx).await
+        self.attempt(&state, &request_data, &pool, &ctx).await
     }
 
     /// Whether the run's last event is older than `quiet`.
@@ -473,25 +490,11 @@ impl Agent {
         }))
     }
 
-    /// The context the agent's appends run in: the requester's, with the request's
-    /// trace.
-    async fn context(&self, run: RunId) -> Context {
-        let store = self.inner.commands.store();
-        let first = store.read_stream(&run.stream_name(), 0, 1).await.ok();
-        let first = first.as_ref().and_then(|events| events.first());
-        let user = first
-            .and_then(|e| e.data.get("requestedBy"))
-            .and_then(serde_json::Value::as_str)
-            .and_then(|u| Uuid::try_parse(u).ok())
-            .unwrap_or_default();
-        let traceparent = first.and_then(wire::traceparent).map(str::to_owned);
-        Context::new(colloquy_domain::UserId::from_uuid(user)).with_traceparent(traceparent)
-    }
-
     /// One attempt: start, build the context, call (with short retries), record.
     async fn attempt(
         &self,
         run: &AgentRun,
+        request_data: &serde_json::Value,
         pool: &KeyPool,
         ctx: &Context,
     ) -> Result<Handled, AgentError> {
@@ -505,15 +508,6 @@ impl Agent {
             .read_stream(&conversation.stream_name(), 0, MAX_CONVERSATION_EVENTS)
             .await
             .map_err(CommandError::from)?;
-        let requested = commands
-            .store()
-            .read_stream(&run_id.stream_name(), 0, 1)
-            .await
-            .map_err(CommandError::from)?;
-        let request_data = requested
-            .first()
-            .map(|e| e.data.clone())
-            .unwrap_or_default();
         let instructions = request_data
             .get("instructions")
             .and_then(serde_json::Value::as_str);
