@@ -381,9 +381,18 @@ async fn retries_escalate_and_end_in_a_dead_letter() {
     .await;
     let mut outcomes = Vec::new();
     for _ in 0..3 {
-        // Each pass waits out the (1 ms) not-before time first.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        outcomes.push(agent.handle(run, Trigger::Sweep).await.unwrap());
+        // Each pass comes once the (1 ms) not-before time has passed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let handled = loop {
+            match agent.handle(run, Trigger::Sweep).await.unwrap() {
+                Handled::Skipped("not due yet") => {
+                    assert!(tokio::time::Instant::now() < deadline, "never due");
+                    tokio::task::yield_now().await;
+                }
+                handled => break handled,
+            }
+        };
+        outcomes.push(handled);
     }
     assert!(matches!(outcomes[0], Handled::Retrying(_)), "{outcomes:?}");
     assert!(matches!(outcomes[1], Handled::Retrying(_)), "{outcomes:?}");
