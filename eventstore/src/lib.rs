@@ -7,9 +7,11 @@
 //!   [`Subscription`] built on it.
 //! - [`batch`] and [`batcher`]: group commit, shared by the backends.
 //! - [`postgres`]: the Postgres backend on Message DB's schema.
+//! - [`database`]: [`Database`], the pool of either backend, for SQL outside the store.
 
 pub mod batch;
 pub mod batcher;
+pub mod database;
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;
 pub mod model;
@@ -17,6 +19,7 @@ pub mod postgres;
 pub mod store;
 pub mod wire;
 
+pub use database::{Backend, Database};
 pub use model::{
     AppendOutcome, ExpectedVersion, GlobalPosition, InvalidInput, Limits, LogFilter, NewEvent,
     RecordedEvent, StoreError, StreamAppend, StreamWritten, category,
