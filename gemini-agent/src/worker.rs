@@ -15,20 +15,25 @@
 //!   and `RunClosed` in one multi-stream append with expected versions, and the domain
 //!   only accepts it for the running attempt; a run already settled is recognised from
 //!   the log and acked without calling Gemini.
+//! - **Without a broker** (the embedded mode, [`Transport::Log`]): the agent tails the
+//!   log's `agentRun` category with the store's catch-up subscription from a durable
+//!   checkpoint, watches for cancellations the same way, and sends token deltas in
+//!   memory. A run taken when the process stops is found again by the sweep, as a
+//!   lost JetStream message is.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::Utc;
-use colloquy_commands::live::{RunSignal, run_subject};
+use colloquy_commands::live::{LocalSignals, RunSignal, RunSignals};
 use colloquy_commands::{CommandError, Commands, Context};
 use colloquy_domain::process::{CompleteRun, FailRun, ProcessCommand};
 use colloquy_domain::run::Usage;
 use colloquy_domain::{
     AgentRun, AssistantText, DomainError, MessageId, RunCommand, RunId, RunStatus,
 };
-use colloquy_eventstore::wire;
+use colloquy_eventstore::{GlobalPosition, LogFilter, Subscription, SubscriptionItem, wire};
 use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -112,6 +117,41 @@ pub trait DueRuns: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<RunId>, Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// An error of a collaborator outside this crate (a database, a broker).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The agent's durable place in the log when it tails it ([`Transport::Log`]).
+#[async_trait::async_trait]
+pub trait Checkpoint: Send + Sync + std::fmt::Debug {
+    /// The last position dispatched (0 at first).
+    async fn load(&self) -> Result<GlobalPosition, BoxError>;
+    /// Records that everything up to `position` has been dispatched.
+    async fn save(&self, position: GlobalPosition) -> Result<(), BoxError>;
+}
+
+/// How runs reach the agent, and how its live signals leave it.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// The shared durable JetStream consumer; cancellations and token deltas on core
+    /// NATS (the external mode).
+    Nats(async_nats::Client),
+    /// The log itself, tailed from `checkpoint`; token deltas to `signals` (the
+    /// embedded mode: the gateway in this process relays them).
+    Log {
+        signals: LocalSignals,
+        checkpoint: Arc<dyn Checkpoint>,
+    },
+}
+
+impl From<async_nats::Client> for Transport {
+    fn from(client: async_nats::Client) -> Self {
+        Self::Nats(client)
+    }
+}
+
+/// The category the agent consumes.
+const RUN_CATEGORY: &str = "agentRun";
+
 /// How a run came to the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -149,7 +189,8 @@ struct Inner {
     commands: Commands,
     client: GeminiClient,
     pool: Option<Arc<KeyPool>>,
-    nats: async_nats::Client,
+    transport: Transport,
+    signals: RunSignals,
     settings: AgentSettings,
     permits: Arc<Semaphore>,
 }
@@ -183,16 +224,25 @@ impl Agent {
         commands: Commands,
         client: GeminiClient,
         pool: Option<Arc<KeyPool>>,
-        nats: async_nats::Client,
+        transport: impl Into<Transport>,
         settings: AgentSettings,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        let transport = transport.into();
+        let signals = match &transport {
+            Transport::Nats(client) => RunSignals::Nats {
+                client: client.clone(),
+                prefix: settings.prefix.clone(),
+            },
+            Transport::Log { signals, .. } => RunSignals::Local(signals.clone()),
+        };
         Self {
             inner: Arc::new(Inner {
                 commands,
                 client,
                 pool,
-                nats,
+                transport,
+                signals,
                 settings,
                 permits,
             }),
@@ -210,7 +260,7 @@ impl Agent {
         Some(pool.spawn_reprobe(probe, every, shutdown))
     }
 
-    /// Consumes runs and sweeps until `shutdown`; NATS trouble is retried.
+    /// Consumes runs and sweeps until `shutdown`; NATS or database trouble is retried.
     pub async fn run(self, due: Option<Arc<dyn DueRuns>>, shutdown: CancellationToken) {
         let mut tasks = Vec::new();
         if let Some(due) = due {
@@ -219,6 +269,12 @@ impl Agent {
             tasks.push(tokio::spawn(async move {
                 agent.sweep_loop(due, token).await;
             }));
+        }
+        if let Transport::Log { checkpoint, .. } = &self.inner.transport {
+            let checkpoint = Arc::clone(checkpoint);
+            self.follow_log(checkpoint, &shutdown).await;
+            futures::future::join_all(tasks).await;
+            return;
         }
         let consumer = loop {
             match self.consumer().await {
@@ -243,12 +299,90 @@ impl Agent {
         futures::future::join_all(tasks).await;
     }
 
-    async fn consumer(
-        &self,
-    ) -> Result<jetstream::consumer::Consumer<pull::Config>, Box<dyn std::error::Error + Send + Sync>>
-    {
+    /// The embedded mode's consumption: every `RunRequested` after the checkpoint, in
+    /// log order, each handled within the concurrency limit. The checkpoint moves once
+    /// a run is dispatched; one taken when the process stops is the sweep's (a request
+    /// never started, an attempt gone silent), as with a lost JetStream message.
+    async fn follow_log(&self, checkpoint: Arc<dyn Checkpoint>, shutdown: &CancellationToken) {
+        let start = loop {
+            match checkpoint.load().await {
+                Ok(position) => break position,
+                Err(error) => {
+                    tracing::warn!(error = %error, "agent: cannot read its checkpoint yet; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let store = Arc::clone(self.inner.commands.store());
+        let mut subscription =
+            Subscription::new(store, LogFilter::Category(RUN_CATEGORY.into()), start);
+        let mut saved = start;
+        loop {
+            let item = tokio::select! {
+                () = shutdown.cancelled() => break,
+                item = subscription.next() => item,
+            };
+            let event = match item {
+                Ok(SubscriptionItem::Event(event)) => event,
+                Ok(SubscriptionItem::CaughtUp(position)) => {
+                    if position > saved {
+                        match checkpoint.save(position).await {
+                            Ok(()) => saved = position,
+                            Err(error) => {
+                                tracing::warn!(error = %error, "agent: cannot save its checkpoint");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "agent: cannot read the log; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            };
+            if event.event_type != "RunRequested" {
+                continue;
+            }
+            let Some(run) = event
+                .stream_name
+                .strip_prefix("agentRun-")
+                .and_then(|id| Uuid::try_parse(id).ok())
+            else {
+                continue;
+            };
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = Arc::clone(&self.inner.permits).acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else { break };
+            let agent = self.clone();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    result = agent.handle(RunId::from_uuid(run), Trigger::Delivered) => match result {
+                        Ok(handled) => tracing::debug!(run.id = %run, ?handled, "agent: run settled"),
+                        Err(error) => tracing::warn!(run.id = %run, error = %error, "agent: run not settled; the sweep will bring it back"),
+                    },
+                    () = token.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    async fn consumer(&self) -> Result<jetstream::consumer::Consumer<pull::Config>, BoxError> {
         let settings = &self.inner.settings;
-        let js = jetstream::new(self.inner.nats.clone());
+        let Transport::Nats(nats) = &self.inner.transport else {
+            return Err("the agent has no NATS connection".into());
+        };
+        let js = jetstream::new(nats.clone());
         let stream = js.get_stream(&settings.stream).await?;
         let filter = format!(
             "{}.ev.{}.*.{}",
@@ -722,15 +856,22 @@ impl Agent {
         }
     }
 
-    /// A token cancelled when the run's `RunCancelled` goes by on NATS.
+    /// A token cancelled when the run's `RunCancelled` goes by (on NATS, or in the log).
     async fn watch_cancel(&self, run: RunId) -> CancellationToken {
         let token = CancellationToken::new();
+        let nats = match &self.inner.transport {
+            Transport::Nats(nats) => nats,
+            Transport::Log { .. } => {
+                self.watch_cancel_in_log(run, &token).await;
+                return token;
+            }
+        };
         let subject = wire::subject(
             &self.inner.settings.prefix,
             &run.stream_name(),
             "RunCancelled",
         );
-        if let Ok(mut subscriber) = self.inner.nats.subscribe(subject).await {
+        if let Ok(mut subscriber) = nats.subscribe(subject).await {
             let token = token.clone();
             let guard = token.clone().drop_guard();
             tokio::spawn(async move {
@@ -744,15 +885,39 @@ impl Agent {
         token
     }
 
+    /// Cancels `token` when the run's `RunCancelled` is appended (a subscription to the
+    /// run category from the head; the caller checked the run's state before).
+    async fn watch_cancel_in_log(&self, run: RunId, token: &CancellationToken) {
+        let store = Arc::clone(self.inner.commands.store());
+        let Ok(head) = store.head().await else { return };
+        let mut subscription =
+            Subscription::new(store, LogFilter::Category(RUN_CATEGORY.into()), head);
+        let stream = run.stream_name();
+        let token = token.clone();
+        let guard = token.clone().drop_guard();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let cancelled = async {
+                loop {
+                    match subscription.next_event().await {
+                        Ok(e) if e.stream_name == stream && e.event_type == "RunCancelled" => {
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+            };
+            tokio::select! {
+                () = cancelled => {}
+                () = token.cancelled() => {}
+            }
+        });
+    }
+
     fn signal(&self, run: RunId, signal: RunSignal) {
-        let subject = run_subject(&self.inner.settings.prefix, run.as_uuid());
-        if let Ok(payload) = serde_json::to_vec(&signal) {
-            let nats = self.inner.nats.clone();
-            tokio::spawn(async move {
-                // At most once: a lost token is only a flicker; the reply is durable.
-                let _ = nats.publish(subject, payload.into()).await;
-            });
-        }
+        // At most once: a lost token is only a flicker; the reply is durable.
+        self.inner.signals.publish(run.as_uuid(), &signal);
     }
 
     async fn progress(&self, run: RunId, attempt: u32, stage: &str, percent: u8, ctx: &Context) {

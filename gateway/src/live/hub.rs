@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use colloquy_commands::Commands;
+use colloquy_commands::live::{LocalSignals, RunSignals};
 use colloquy_domain::{ConversationId, RunId, UserId};
 use colloquy_eventstore::wire::{self, Payload};
 use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
@@ -88,6 +89,8 @@ struct Inner {
     settings: LiveSettings,
     commands: Commands,
     nats: Option<async_nats::Client>,
+    /// Where the agent's token deltas come from (`None`: no run tokens).
+    signals: Option<RunSignals>,
     sender: broadcast::Sender<Arc<LiveEvent>>,
     /// The last position passed on (or, before the first, the log's head at start).
     position: AtomicI64,
@@ -124,11 +127,30 @@ impl Drop for StreamSlot {
 const READ_BATCH: usize = 1000;
 
 impl LiveHub {
-    /// A hub over `commands`' store; `nats` is the feed (`None`: the log alone, polled
-    /// every `idle_check`).
+    /// A hub over `commands`' store; `nats` is the feed and carries run tokens (`None`:
+    /// the log alone, woken by the store's appends, and no tokens).
     pub fn new(
         commands: Commands,
         nats: Option<async_nats::Client>,
+        settings: LiveSettings,
+    ) -> Self {
+        let signals = nats.clone().map(|client| RunSignals::Nats {
+            client,
+            prefix: settings.prefix.clone(),
+        });
+        Self::build(commands, nats, signals, settings)
+    }
+
+    /// The embedded mode's hub: the log alone, woken in-process by appends, with run
+    /// tokens from `signals` (the agent of this process).
+    pub fn embedded(commands: Commands, signals: LocalSignals, settings: LiveSettings) -> Self {
+        Self::build(commands, None, Some(RunSignals::Local(signals)), settings)
+    }
+
+    fn build(
+        commands: Commands,
+        nats: Option<async_nats::Client>,
+        signals: Option<RunSignals>,
         settings: LiveSettings,
     ) -> Self {
         let (sender, _) = broadcast::channel(settings.buffer.max(16));
@@ -137,6 +159,7 @@ impl LiveHub {
                 settings,
                 commands,
                 nats,
+                signals,
                 sender,
                 position: AtomicI64::new(-1),
                 owners: moka::sync::Cache::new(100_000),
@@ -152,9 +175,9 @@ impl LiveHub {
         &self.inner.settings
     }
 
-    /// The NATS client, for per-run token subscriptions.
-    pub(crate) fn nats(&self) -> Option<&async_nats::Client> {
-        self.inner.nats.as_ref()
+    /// Where run tokens come from.
+    pub(crate) fn signals(&self) -> Option<&RunSignals> {
+        self.inner.signals.as_ref()
     }
 
     /// The command side (loads and the store).
@@ -252,6 +275,9 @@ impl LiveHub {
         };
         let mut idle = tokio::time::interval(self.inner.settings.idle_check);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Without NATS, the store's own wake-up says when to look (at once in the
+        // embedded mode, where every append is made in this process).
+        let mut appended = self.inner.commands.store().appended();
         loop {
             let message = match feed.as_mut() {
                 Some(subscriber) => tokio::select! {
@@ -262,7 +288,10 @@ impl LiveHub {
                     }
                 },
                 None => {
-                    idle.tick().await;
+                    tokio::select! {
+                        _ = idle.tick() => {}
+                        _ = appended.changed() => {}
+                    }
                     self.heal(None).await;
                     continue;
                 }

@@ -27,7 +27,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use colloquy_commands::live::{RunSignal, run_subject};
+use colloquy_commands::live::{RunSignal, SignalStream};
 use colloquy_domain::{ConversationId, RunId, UserId};
 use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
 use futures::StreamExt as _;
@@ -221,12 +221,9 @@ async fn open(
     // Subscribe before reading anything: whatever the hub passes on from here is in
     // the receiver, and what it passed on before is in the log.
     let rx = hub.subscribe();
-    let tokens = match (scope, hub.nats()) {
-        (Scope::Run { run, .. }, Some(nats)) => {
-            match nats
-                .subscribe(run_subject(&hub.settings().prefix, run))
-                .await
-            {
+    let tokens = match (scope, hub.signals()) {
+        (Scope::Run { run, .. }, Some(signals)) => {
+            match signals.subscribe(run).await {
                 Ok(subscriber) => Some(subscriber),
                 Err(error) => {
                     // Tokens are a nicety: the durable events still arrive.
@@ -268,7 +265,7 @@ struct Feed {
     hub: LiveHub,
     scope: Scope,
     rx: tokio::sync::broadcast::Receiver<Arc<LiveEvent>>,
-    tokens: Option<async_nats::Subscriber>,
+    tokens: Option<SignalStream>,
     /// Events read from the log, not yet sent.
     backlog: VecDeque<Arc<LiveEvent>>,
     /// `(after, until)`: the log range still to read.
@@ -317,8 +314,8 @@ impl Feed {
                     }
                     Err(RecvError::Closed) => return Some(self.end("the feed closed")),
                 },
-                Some(message) = next_token(&mut self.tokens) => {
-                    if let Some(event) = token_event(&message.payload) {
+                Some(signal) = next_token(&mut self.tokens) => {
+                    if let Some(event) = token_event(signal) {
                         return Some(event);
                     }
                 }
@@ -433,7 +430,7 @@ impl Feed {
     }
 }
 
-async fn next_token(tokens: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+async fn next_token(tokens: &mut Option<SignalStream>) -> Option<RunSignal> {
     match tokens {
         Some(subscriber) => subscriber.next().await,
         None => std::future::pending().await,
@@ -441,8 +438,8 @@ async fn next_token(tokens: &mut Option<async_nats::Subscriber>) -> Option<async
 }
 
 /// `event: token` / `event: reset` (no `id:`: not replayed).
-fn token_event(payload: &[u8]) -> Option<Event> {
-    match serde_json::from_slice::<RunSignal>(payload).ok()? {
+fn token_event(signal: RunSignal) -> Option<Event> {
+    match signal {
         RunSignal::Token { attempt, text } => Some(
             Event::default()
                 .event("token")
