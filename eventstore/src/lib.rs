@@ -7,15 +7,18 @@
 //!   [`Subscription`] built on it.
 //! - [`batch`] and [`batcher`]: group commit, shared by the backends.
 //! - [`postgres`]: the Postgres backend on Message DB's schema.
+//! - [`sqlite`]: the SQLite backend of the embedded mode (one file, WAL), on the same
+//!   table shape; [`sqlite::open`] opens and migrates the file.
 //! - [`database`]: [`Database`], the pool of either backend, for SQL outside the store.
 
 pub mod batch;
 pub mod batcher;
-pub mod database;
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;
+pub mod database;
 pub mod model;
 pub mod postgres;
+pub mod sqlite;
 pub mod store;
 pub mod wire;
 
@@ -25,4 +28,5 @@ pub use model::{
     RecordedEvent, StoreError, StreamAppend, StreamWritten, category,
 };
 pub use postgres::{PgEventStore, PgOptions};
+pub use sqlite::{SqliteEventStore, SqliteOptions};
 pub use store::{EventStore, RedactReport, Redactor, Selection, Subscription, SubscriptionItem};
