@@ -17,7 +17,7 @@ use colloquy_commands::cache::CacheConfig;
 use colloquy_commands::{Commands, Context};
 use colloquy_domain::{RunId, UserId};
 use colloquy_eventstore::{
-    EventStore, LogFilter, PgEventStore, PgOptions, RecordedEvent, Subscription,
+    Database, EventStore, LogFilter, PgEventStore, PgOptions, RecordedEvent, Subscription,
 };
 use colloquy_gateway::admin::{projections, runs};
 use colloquy_gateway::auth::input::{Email, Password};
@@ -320,7 +320,7 @@ async fn run_projections(
     let pool = connect(config).await?;
     match command {
         ProjectionsCommand::Status => {
-            let states = projections::projection_states(&pool).await?;
+            let states = projections::projection_states(&Database::from(pool)).await?;
             let items: Vec<Value> = states
                 .iter()
                 .map(|found| {
@@ -351,7 +351,7 @@ async fn run_projections(
             let store: Arc<dyn EventStore> =
                 Arc::new(PgEventStore::with_pool(pool.clone(), PgOptions::default()));
             let reached = colloquy_projections::replay::rebuild(
-                &pool,
+                &Database::from(pool),
                 &store,
                 projection.as_ref(),
                 &|_, _| {},
@@ -374,7 +374,7 @@ async fn run_runs(config: &Config, command: &RunsCommand, json: bool) -> anyhow:
     let pool = connect(config).await?;
     match command {
         RunsCommand::DeadLetters { limit } => {
-            let items = runs::list_dead_letters(&pool, None, *limit).await?;
+            let items = runs::list_dead_letters(&Database::from(pool), None, *limit).await?;
             let items: Vec<Value> = items
                 .iter()
                 .map(serde_json::to_value)

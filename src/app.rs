@@ -15,7 +15,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
 use colloquy_domain::RunId;
-use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
+use colloquy_eventstore::{Database, EventStore, PgEventStore, PgOptions};
 use colloquy_gateway::edges::Edges;
 use colloquy_gateway::{GatewayState, LiveHub, LiveSettings, Probe, ProbeResult};
 use colloquy_gemini_agent::backoff::RetrySchedule;
@@ -161,7 +161,7 @@ impl Application {
                 probes: Arc::new(probes),
                 auth,
                 commands,
-                pool: pool.clone(),
+                db: Database::from(pool.clone()),
                 live: live.clone(),
                 keys: keys.clone(),
                 rebuilds: colloquy_gateway::admin::Rebuilds::default(),
@@ -227,7 +227,11 @@ impl Application {
         if self.roles.contains(&Role::Projector) {
             let store: Arc<dyn EventStore> = Arc::new(self.store.clone());
             for projection in all_projections() {
-                let runner = Runner::new(self.pool.clone(), Arc::clone(&store), projection);
+                let runner = Runner::new(
+                    Database::from(self.pool.clone()),
+                    Arc::clone(&store),
+                    projection,
+                );
                 let fan_out = FanOut {
                     jetstream: jetstream.clone(),
                     stream: self.config.settings.stream.clone(),
@@ -459,7 +463,7 @@ impl Probe for ProjectionsProbe {
     async fn check(&self) -> ProbeResult {
         let mut detail = serde_json::Map::new();
         let mut late = Vec::new();
-        let lags = colloquy_projections::runner::lags(&self.pool)
+        let lags = colloquy_projections::runner::lags(&Database::from(self.pool.clone()))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "readiness: projection lag check failed");

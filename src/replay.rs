@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
+use colloquy_eventstore::{Database, EventStore, PgEventStore, PgOptions};
 use colloquy_projections::{Projection, all_projections, by_name, replay};
 use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::ExposeSecret;
@@ -33,6 +33,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
         .context("Failed to apply migrations")?;
     let store: Arc<dyn EventStore> =
         Arc::new(PgEventStore::with_pool(pool.clone(), PgOptions::default()));
+    let db = Database::from(pool);
     let projections: Vec<Arc<dyn Projection>> = if args.all {
         all_projections()
     } else {
@@ -47,7 +48,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
         let reporter = Reporter::new(projection.name(), args.verify);
         let progress = |at: i64, head: i64| reporter.report(at, head);
         if args.verify {
-            let found = replay::verify(&pool, &store, projection.as_ref(), &progress).await?;
+            let found = replay::verify(&db, &store, projection.as_ref(), &progress).await?;
             reporter.finish();
             if found.is_empty() {
                 println!(
@@ -61,7 +62,7 @@ pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
             }
             differences += found.len();
         } else {
-            let reached = replay::rebuild(&pool, &store, projection.as_ref(), &progress).await?;
+            let reached = replay::rebuild(&db, &store, projection.as_ref(), &progress).await?;
             reporter.finish();
             println!(
                 "{}: rebuilt to position {reached} and swapped in ({:.1?})",

@@ -38,8 +38,9 @@ pub struct GatewayState {
     pub auth: AuthState,
     /// The command side (every write to the log).
     pub commands: colloquy_commands::Commands,
-    /// The read models (queries and position waits).
-    pub pool: sqlx::PgPool,
+    /// The read models (queries and position waits), on Postgres or SQLite: each query
+    /// has its SQL for both (`routes::read_query!`).
+    pub db: colloquy_eventstore::Database,
     /// The live feed (SSE).
     pub live: LiveHub,
     /// The agent's key pool, for the admin view (`None`: no keys configured). The same

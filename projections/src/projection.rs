@@ -1,12 +1,29 @@
-//! What a projection is: a name, a schema it owns, and how one event changes its
-//! tables. Events it does not care about change nothing, but still advance its
+//! What a projection is: a name, the tables it owns, and how a batch of events changes
+//! them. Events it does not care about change nothing, but still advance its
 //! checkpoint (so "reached P" holds for every P; architecture rule 5).
+//!
+//! The projections are written once for both backends: each loads the rows a batch
+//! touches, folds the events into them in memory (the read model's logic, in Rust), and
+//! writes back what changed. Only the loading and writing differ by backend, by SQL.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use colloquy_eventstore::RecordedEvent;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, SqliteConnection};
+
+/// A connection inside a read-model write transaction, of either backend.
+///
+/// - Postgres: `search_path` is set to the target schema (the live one, or a rebuild's
+///   scratch schema), so SQL names tables unqualified (`conversations`).
+/// - SQLite: SQL names the projection's tables (`rm_messages_conversations`); a
+///   rebuild's scratch copy is TEMP tables of the same names on its own connection,
+///   which shadow the live ones there.
+#[derive(Debug)]
+pub enum Conn<'c> {
+    Postgres(&'c mut PgConnection),
+    Sqlite(&'c mut SqliteConnection),
+}
 
 /// One read model.
 #[async_trait]
@@ -14,32 +31,23 @@ pub trait Projection: Send + Sync + 'static {
     /// The name operators use (`colloquy replay messages`).
     fn name(&self) -> &'static str;
 
-    /// The schema holding the live tables and checkpoint.
+    /// Where its tables and checkpoint live: the Postgres schema, and on SQLite the
+    /// prefix of its tables' names (`rm_messages` → `rm_messages_conversations`,
+    /// `rm_messages_checkpoint`).
     fn schema(&self) -> &'static str;
 
-    /// The SQL function that creates the tables in a given schema (migration 0004).
+    /// The Postgres function that creates the tables in a given schema (migration 0004).
     fn create_function(&self) -> &'static str;
 
-    /// Its tables with the columns that identify a row, for `replay --verify`.
+    /// Its tables (without the schema or prefix) with the column that identifies a row,
+    /// for `replay --verify`.
     fn tables(&self) -> &'static [(&'static str, &'static str)];
 
-    /// Applies one event. The connection is inside the batch's transaction with
-    /// `search_path` set to the target schema, so SQL names tables unqualified.
-    async fn apply(&self, conn: &mut PgConnection, event: &RecordedEvent) -> anyhow::Result<()>;
-
-    /// Applies events in order (all above the checkpoint). The default applies them one
-    /// by one; a projection may fold a batch in memory and write it in bulk, as long as
-    /// the result is the same (`replay --verify` compares the two paths).
-    async fn apply_all(
-        &self,
-        conn: &mut PgConnection,
-        events: &[RecordedEvent],
-    ) -> anyhow::Result<()> {
-        for event in events {
-            self.apply(conn, event).await?;
-        }
-        Ok(())
-    }
+    /// Applies events in order, all above the checkpoint, inside the caller's
+    /// transaction. Applying a log in one batch or in many gives the same tables
+    /// (`replay --verify` compares the live tables, built batch by batch, with a
+    /// rebuild in large pages).
+    async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()>;
 }
 
 impl std::fmt::Debug for dyn Projection {
@@ -95,4 +103,52 @@ pub fn decode<E: colloquy_domain::DomainEvent>(
             None
         }
     }
+}
+
+/// Loads rows by id on either backend: on Postgres with one query (`postgres` takes the
+/// ids as a `uuid[]` in `$1`), on SQLite one indexed lookup per id (`sqlite` takes one
+/// id in `$1`; in-process lookups cost microseconds). Ids not found are left out.
+pub(crate) async fn rows_by_id<T>(
+    conn: &mut Conn<'_>,
+    postgres: &'static str,
+    sqlite: &'static str,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+        + Send
+        + Unpin,
+{
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    match conn {
+        Conn::Postgres(conn) => {
+            sqlx::query_as(postgres)
+                .bind(ids)
+                .fetch_all(&mut **conn)
+                .await
+        }
+        Conn::Sqlite(conn) => {
+            let mut rows = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(row) = sqlx::query_as(sqlite)
+                    .bind(id)
+                    .fetch_optional(&mut **conn)
+                    .await?
+                {
+                    rows.push(row);
+                }
+            }
+            Ok(rows)
+        }
+    }
+}
+
+/// Sorts and deduplicates ids (the order bulk writes take their rows in).
+pub(crate) fn distinct(mut ids: Vec<uuid::Uuid>) -> Vec<uuid::Uuid> {
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }

@@ -1,29 +1,51 @@
 //! Running a projection: apply batches with their checkpoint in one transaction,
 //! catch up from the log, and follow it.
 //!
-//! Every batch takes a transaction-scoped advisory lock on the projection's schema
-//! name, so a live runner and a rebuild's swap never interleave, and two runners of
-//! one projection (two processes) apply each event once: the checkpoint is read under
-//! the lock and events at or below it are skipped.
+//! Batches of one projection never interleave, and two runners of one projection (two
+//! processes) apply each event once: the checkpoint is read under a lock and events at
+//! or below it are skipped. On Postgres the lock is a transaction-scoped advisory lock
+//! on the projection's schema name (which a rebuild's swap takes too); on SQLite it is
+//! the database's one write lock, taken by `BEGIN IMMEDIATE`.
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use colloquy_eventstore::{
-    EventStore, GlobalPosition, LogFilter, RecordedEvent, Subscription, SubscriptionItem,
+    Database, EventStore, GlobalPosition, LogFilter, RecordedEvent, Subscription, SubscriptionItem,
 };
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::projection::Projection;
+use crate::projection::{Conn, Projection};
 
 /// Largest batch applied in one transaction.
 pub const BATCH: usize = 500;
 
-/// Applies `events` to `projection`'s tables in `schema` and advances its checkpoint to
-/// the last event's position, all in one transaction. Events at or below the stored
+/// Applies `events` to `projection`'s live tables and advances its checkpoint to the
+/// last event's position, all in one transaction. Events at or below the stored
 /// checkpoint are skipped (redelivery changes nothing). Returns the new checkpoint.
 pub async fn apply_batch(
+    db: &Database,
+    projection: &dyn Projection,
+    events: &[RecordedEvent],
+) -> anyhow::Result<GlobalPosition> {
+    match db {
+        Database::Postgres(pool) => {
+            apply_batch_in_schema(pool, projection, projection.schema(), events).await
+        }
+        Database::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            let position = apply_fresh(&mut Conn::Sqlite(&mut tx), projection, events).await?;
+            tx.commit().await?;
+            Ok(position)
+        }
+    }
+}
+
+/// [`apply_batch`] on Postgres, into the tables in `schema` (the live schema or a
+/// rebuild's scratch schema), under the lock on `schema`'s name.
+pub(crate) async fn apply_batch_in_schema(
     pool: &PgPool,
     projection: &dyn Projection,
     schema: &str,
@@ -35,31 +57,80 @@ pub async fn apply_batch(
         .execute(&mut *tx)
         .await?;
     set_schema(&mut tx, schema).await?;
-    let mut checkpoint: i64 = sqlx::query_scalar("SELECT position FROM checkpoint FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await?;
-    let start = checkpoint;
+    let position = apply_fresh(&mut Conn::Postgres(&mut tx), projection, events).await?;
+    tx.commit().await?;
+    Ok(position)
+}
+
+/// Inside the caller's transaction (and lock): applies the events above the stored
+/// checkpoint and advances it to the last of them. Returns the checkpoint.
+pub(crate) async fn apply_fresh(
+    conn: &mut Conn<'_>,
+    projection: &dyn Projection,
+    events: &[RecordedEvent],
+) -> anyhow::Result<GlobalPosition> {
+    let start = checkpoint_in(conn, projection).await?;
     let fresh: Vec<&RecordedEvent> = events
         .iter()
         .filter(|e| e.global_position > start)
         .collect();
-    if let Some(last) = fresh.last() {
-        checkpoint = last.global_position;
-        if fresh.len() == events.len() {
-            projection.apply_all(&mut tx, events).await?;
-        } else {
-            let fresh: Vec<RecordedEvent> = fresh.into_iter().cloned().collect();
-            projection.apply_all(&mut tx, &fresh).await?;
+    let Some(last) = fresh.last().map(|e| e.global_position) else {
+        return Ok(start);
+    };
+    if fresh.len() == events.len() {
+        projection.apply(conn, events).await?;
+    } else {
+        let fresh: Vec<RecordedEvent> = fresh.into_iter().cloned().collect();
+        projection.apply(conn, &fresh).await?;
+    }
+    set_checkpoint_in(conn, projection, last).await?;
+    Ok(last)
+}
+
+/// The checkpoint of the tables `conn` writes (locked for the transaction on
+/// Postgres; SQLite's write lock is already held).
+async fn checkpoint_in(conn: &mut Conn<'_>, projection: &dyn Projection) -> anyhow::Result<i64> {
+    Ok(match conn {
+        Conn::Postgres(conn) => {
+            sqlx::query_scalar("SELECT position FROM checkpoint FOR UPDATE")
+                .fetch_one(&mut **conn)
+                .await?
+        }
+        Conn::Sqlite(conn) => {
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT position FROM {}",
+                sqlite_checkpoint(projection.schema())?
+            )))
+            .fetch_one(&mut **conn)
+            .await?
+        }
+    })
+}
+
+pub(crate) async fn set_checkpoint_in(
+    conn: &mut Conn<'_>,
+    projection: &dyn Projection,
+    position: GlobalPosition,
+) -> anyhow::Result<()> {
+    match conn {
+        Conn::Postgres(conn) => {
+            sqlx::query("UPDATE checkpoint SET position = $1, updated_at = now()")
+                .bind(position)
+                .execute(&mut **conn)
+                .await?;
+        }
+        Conn::Sqlite(conn) => {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE {} SET position = $1, updated_at = $2",
+                sqlite_checkpoint(projection.schema())?
+            )))
+            .bind(position)
+            .bind(Utc::now())
+            .execute(&mut **conn)
+            .await?;
         }
     }
-    if checkpoint != start {
-        sqlx::query("UPDATE checkpoint SET position = $1, updated_at = now()")
-            .bind(checkpoint)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(checkpoint)
+    Ok(())
 }
 
 /// Points unqualified table names at `schema` for the rest of the transaction.
@@ -75,7 +146,7 @@ pub(crate) async fn set_schema(conn: &mut sqlx::PgConnection, schema: &str) -> a
 
 /// Schema names are spliced into SQL, so they must be plain lowercase identifiers
 /// (they come from the code, never from input).
-fn check_schema(schema: &str) -> anyhow::Result<()> {
+pub(crate) fn check_schema(schema: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         schema.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
         "BUG: schema names are lowercase identifiers"
@@ -83,29 +154,48 @@ fn check_schema(schema: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A projection's checkpoint in `schema`.
-pub async fn read_checkpoint(pool: &PgPool, schema: &str) -> anyhow::Result<GlobalPosition> {
+/// The SQLite table holding the checkpoint of the projection whose tables are
+/// prefixed `schema`.
+pub(crate) fn sqlite_checkpoint(schema: &str) -> anyhow::Result<String> {
     check_schema(schema)?;
-    Ok(sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT position FROM \"{schema}\".checkpoint"
-    )))
-    .fetch_one(pool)
-    .await?)
+    Ok(format!("{schema}_checkpoint"))
+}
+
+/// A projection's checkpoint (`schema` as [`Projection::schema`] names it).
+pub async fn read_checkpoint(db: &Database, schema: &str) -> anyhow::Result<GlobalPosition> {
+    check_schema(schema)?;
+    Ok(match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT position FROM \"{schema}\".checkpoint"
+            )))
+            .fetch_one(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT position FROM {}",
+                sqlite_checkpoint(schema)?
+            )))
+            .fetch_one(pool)
+            .await?
+        }
+    })
 }
 
 /// One projection's live runner.
 #[derive(Debug, Clone)]
 pub struct Runner {
-    pool: PgPool,
+    db: Database,
     store: Arc<dyn EventStore>,
     projection: Arc<dyn Projection>,
     checkpoint: Arc<watch::Sender<GlobalPosition>>,
 }
 
 impl Runner {
-    pub fn new(pool: PgPool, store: Arc<dyn EventStore>, projection: Arc<dyn Projection>) -> Self {
+    pub fn new(db: Database, store: Arc<dyn EventStore>, projection: Arc<dyn Projection>) -> Self {
         Self {
-            pool,
+            db,
             store,
             projection,
             checkpoint: Arc::new(watch::channel(0).0),
@@ -128,18 +218,12 @@ impl Runner {
 
     /// The stored checkpoint.
     pub async fn checkpoint(&self) -> anyhow::Result<GlobalPosition> {
-        read_checkpoint(&self.pool, self.projection.schema()).await
+        read_checkpoint(&self.db, self.projection.schema()).await
     }
 
     /// Applies a batch to the live tables.
     pub async fn apply(&self, events: &[RecordedEvent]) -> anyhow::Result<GlobalPosition> {
-        let position = apply_batch(
-            &self.pool,
-            self.projection.as_ref(),
-            self.projection.schema(),
-            events,
-        )
-        .await?;
+        let position = apply_batch(&self.db, self.projection.as_ref(), events).await?;
         self.checkpoint.send_if_modified(|current| {
             let newer = position > *current;
             if newer {
@@ -219,27 +303,45 @@ pub struct ProjectionLag {
 
 /// Every projection's lag, in [`crate::all_projections`] order: the one reading that
 /// readiness (`/readyz`, against its budget) and the admin view both report.
-pub async fn lags(pool: &PgPool) -> anyhow::Result<Vec<ProjectionLag>> {
+pub async fn lags(db: &Database) -> anyhow::Result<Vec<ProjectionLag>> {
     let mut lags = Vec::new();
     for projection in crate::all_projections() {
-        let lag = lag(pool, projection.schema()).await?;
+        let lag = lag(db, projection.schema()).await?;
         lags.push(ProjectionLag { projection, lag });
     }
     Ok(lags)
 }
 
 /// The lag of the projection whose tables live in `schema`.
-pub async fn lag(pool: &PgPool, schema: &str) -> anyhow::Result<Lag> {
-    let checkpoint = read_checkpoint(pool, schema).await?;
-    let (head, oldest): (Option<i64>, Option<f64>) = sqlx::query_as(
-        "SELECT (SELECT max(global_position) FROM message_store.messages),
-                (SELECT extract(epoch FROM (now() AT TIME ZONE 'utc') - time)::float8
-                   FROM message_store.messages WHERE global_position > $1
-                  ORDER BY global_position LIMIT 1)",
-    )
-    .bind(checkpoint)
-    .fetch_one(pool)
-    .await?;
+pub async fn lag(db: &Database, schema: &str) -> anyhow::Result<Lag> {
+    let checkpoint = read_checkpoint(db, schema).await?;
+    let (head, oldest): (Option<i64>, Option<f64>) = match db {
+        Database::Postgres(pool) => {
+            sqlx::query_as(
+                "SELECT (SELECT max(global_position) FROM message_store.messages),
+                        (SELECT extract(epoch FROM (now() AT TIME ZONE 'utc') - time)::float8
+                           FROM message_store.messages WHERE global_position > $1
+                          ORDER BY global_position LIMIT 1)",
+            )
+            .bind(checkpoint)
+            .fetch_one(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            // The age is computed here: SQLite's clock functions would compare its own
+            // time format with the one stored.
+            let (head, time): (Option<i64>, Option<DateTime<Utc>>) = sqlx::query_as(
+                "SELECT (SELECT max(global_position) FROM message_store_messages),
+                        (SELECT time FROM message_store_messages WHERE global_position > $1
+                          ORDER BY global_position LIMIT 1)",
+            )
+            .bind(checkpoint)
+            .fetch_one(pool)
+            .await?;
+            let age = time.map(|t| (Utc::now() - t).as_seconds_f64());
+            (head, age)
+        }
+    };
     Ok(Lag {
         checkpoint,
         events: (head.unwrap_or(0) - checkpoint).max(0),

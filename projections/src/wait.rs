@@ -4,15 +4,14 @@
 
 use std::time::Duration;
 
-use colloquy_eventstore::GlobalPosition;
-use sqlx::PgPool;
+use colloquy_eventstore::{Database, GlobalPosition};
 
 use crate::runner::read_checkpoint;
 
 /// Waits until the projection whose tables live in `schema` has reached `position`,
 /// for at most `timeout`. Returns whether it did.
 pub async fn wait_for_position(
-    pool: &PgPool,
+    db: &Database,
     schema: &str,
     position: GlobalPosition,
     timeout: Duration,
@@ -20,7 +19,7 @@ pub async fn wait_for_position(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
-        if read_checkpoint(pool, schema).await? >= position {
+        if read_checkpoint(db, schema).await? >= position {
             return Ok(true);
         }
         let now = tokio::time::Instant::now();

@@ -286,7 +286,13 @@ pub async fn replay(url: &str, args: &ReplayArgs) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for projection in all_projections() {
             let started = Instant::now();
-            replay::rebuild(&pool, &store, projection.as_ref(), &|_, _| {}).await?;
+            replay::rebuild(
+                &pool.clone().into(),
+                &store,
+                projection.as_ref(),
+                &|_, _| {},
+            )
+            .await?;
             let seconds = started.elapsed().as_secs_f64();
             rows.push(row(
                 "replay",
@@ -399,7 +405,7 @@ pub async fn lag(
         tokio::spawn(Relay::new(store.clone(), js.clone(), config).run(shutdown.clone()));
         let shared: Arc<dyn EventStore> = Arc::new(store.clone());
         let runner = Runner::new(
-            pool.clone(),
+            pool.clone().into(),
             Arc::clone(&shared),
             by_name("messages").expect("BUG: messages exists"),
         );

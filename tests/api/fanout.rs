@@ -61,17 +61,12 @@ async fn conversation_with_messages(commands: &Commands, n: usize) -> (Conversat
 }
 
 async fn all_reach(app: &TestApp, position: i64) {
-    let pool = app.db.pool().await;
+    let db = colloquy_eventstore::Database::from(app.db.pool().await);
     for projection in all_projections() {
         assert!(
-            wait_for_position(
-                &pool,
-                projection.schema(),
-                position,
-                Duration::from_secs(30)
-            )
-            .await
-            .unwrap(),
+            wait_for_position(&db, projection.schema(), position, Duration::from_secs(30))
+                .await
+                .unwrap(),
             "{} reached {position}",
             projection.name()
         );
@@ -81,7 +76,7 @@ async fn all_reach(app: &TestApp, position: i64) {
 /// `replay --verify` for every projection: no difference from a fresh rebuild.
 async fn assert_read_models_equal_a_replay(pool: &sqlx::PgPool, store: &Arc<dyn EventStore>) {
     for projection in all_projections() {
-        let differences = verify(pool, store, projection.as_ref(), &|_, _| {})
+        let differences = verify(&pool.clone().into(), store, projection.as_ref(), &|_, _| {})
             .await
             .unwrap();
         assert!(

@@ -1,12 +1,12 @@
 //! `GET /v1/admin/projections` (each read model's checkpoint, lag and state) and
 //! `POST /v1/admin/projections/{name}/rebuild` (a rebuild in the background).
 //!
-//! A rebuild is the one `colloquy replay <name>` runs: the log is projected into a
-//! scratch schema while the live tables keep serving, then swapped in. It can take
+//! A rebuild is the one `colloquy replay <name>` runs: the log is projected into
+//! scratch tables while the live tables keep serving, then swapped in. It can take
 //! minutes on a long log, so the request only starts it (202); the list shows it as
 //! `rebuilding` until it is done, and this process remembers how its last one ended.
-//! A rebuild cut short (the process stops) leaves the live tables as they were and its
-//! scratch schema for the next rebuild to drop.
+//! A rebuild cut short (the process stops) leaves the live tables as they were (and on
+//! Postgres its scratch schema, for the next rebuild to drop).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,7 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use colloquy_eventstore::GlobalPosition;
+use colloquy_eventstore::{Database, GlobalPosition};
 use colloquy_projections::replay::{self, AlreadyRunning};
 use colloquy_projections::runner::{ProjectionLag, lags};
 use colloquy_projections::{Projection, by_name};
@@ -114,10 +114,10 @@ impl ProjectionState {
 }
 
 /// Every projection's lag and rebuild lock, in `all_projections` order.
-pub async fn projection_states(pool: &sqlx::PgPool) -> anyhow::Result<Vec<ProjectionState>> {
+pub async fn projection_states(db: &Database) -> anyhow::Result<Vec<ProjectionState>> {
     let mut states = Vec::new();
-    for lag in lags(pool).await? {
-        let rebuilding = replay::is_rebuilding(pool, lag.projection.as_ref()).await?;
+    for lag in lags(db).await? {
+        let rebuilding = replay::is_rebuilding(db, lag.projection.as_ref()).await?;
         states.push(ProjectionState { lag, rebuilding });
     }
     Ok(states)
@@ -131,7 +131,7 @@ pub(crate) async fn list(
     State(state): State<GatewayState>,
     _admin: AdminUser,
 ) -> Result<Response, ApiError> {
-    let states = projection_states(&state.pool)
+    let states = projection_states(&state.db)
         .await
         .map_err(ApiError::internal)?;
     let mut items = Vec::with_capacity(states.len());
@@ -167,7 +167,7 @@ pub(crate) async fn rebuild(
         code: "rebuild_in_progress",
         detail: format!("a rebuild of {name} is already running"),
     };
-    if replay::is_rebuilding(&state.pool, projection.as_ref())
+    if replay::is_rebuilding(&state.db, projection.as_ref())
         .await
         .map_err(ApiError::internal)?
     {
@@ -188,7 +188,7 @@ pub(crate) async fn rebuild(
 async fn run_rebuild(state: GatewayState, projection: Arc<dyn Projection>) {
     let name = projection.name();
     let store = Arc::clone(state.commands.store());
-    let result = replay::rebuild(&state.pool, &store, projection.as_ref(), &|_, _| {}).await;
+    let result = replay::rebuild(&state.db, &store, projection.as_ref(), &|_, _| {}).await;
     match &result {
         Ok(position) => tracing::info!(projection = name, position, "rebuilt and swapped in"),
         Err(error) if error.downcast_ref::<AlreadyRunning>().is_some() => {

@@ -16,7 +16,7 @@ use colloquy_commands::{CommandError, Commands, Context};
 use colloquy_domain::RunId;
 use colloquy_domain::process::{ProcessCommand, ReviveRun};
 use colloquy_domain::run::DEAD_LETTER_PREFIX;
-use colloquy_eventstore::GlobalPosition;
+use colloquy_eventstore::{Database, GlobalPosition};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
@@ -26,7 +26,7 @@ use crate::auth::AdminUser;
 use crate::error::ApiError;
 use crate::routes::{
     Idempotency, MinPosition, Params, committed, decode_cursor, encode_cursor, invalid_cursor,
-    limit, parse_id,
+    limit, parse_id, read_query,
 };
 
 /// The read model serving the list.
@@ -54,25 +54,35 @@ pub struct DeadLetter {
 /// last one already seen). Shared by the HTTP list and `colloquy admin runs
 /// dead-letters`, so both show the same runs.
 pub async fn list_dead_letters(
-    pool: &sqlx::PgPool,
+    db: &Database,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, sqlx::Error> {
     let (after_time, after_id) = after.unzip();
-    sqlx::query_as(
+    // On SQLite `finished_at` is RFC 3339 text in UTC, bound from Rust like the cursor's
+    // time, which sorts and compares chronologically.
+    read_query!(
+        db,
+        query_as,
+        fetch_all,
         "SELECT id, conversation_id, error, attempts, finished_at, position
            FROM rm_runs.runs
           WHERE status = 'failed' AND starts_with(error, $1) AND finished_at IS NOT NULL
             AND ($2::timestamptz IS NULL OR (finished_at, id) < ($2, $3::uuid))
           ORDER BY finished_at DESC, id DESC
           LIMIT $4",
+        "SELECT id, conversation_id, error, attempts, finished_at, position
+           FROM rm_runs_runs
+          WHERE status = 'failed' AND substr(error, 1, length($1)) = $1
+            AND finished_at IS NOT NULL
+            AND ($2 IS NULL OR (finished_at, id) < ($2, $3))
+          ORDER BY finished_at DESC, id DESC
+          LIMIT $4",
+        DEAD_LETTER_PREFIX,
+        after_time,
+        after_id,
+        limit,
     )
-    .bind(DEAD_LETTER_PREFIX)
-    .bind(after_time)
-    .bind(after_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
 }
 
 /// Revives the dead letter `run_id` (the domain's `ReviveRun`, due now) as `ctx`'s
@@ -117,7 +127,7 @@ pub(crate) async fn dead_letters(
     let limit = limit(params.limit, 50, 200);
     let after = params.cursor.as_deref().map(parse_cursor).transpose()?;
     min.wait(&state, SCHEMA).await?;
-    let mut items = list_dead_letters(&state.pool, after, limit + 1).await?;
+    let mut items = list_dead_letters(&state.db, after, limit + 1).await?;
     let page = usize::try_from(limit).unwrap_or(usize::MAX);
     let more = items.len() > page;
     items.truncate(page);

@@ -325,16 +325,21 @@ pub(crate) async fn show(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     min.wait(&state, SCHEMA).await?;
-    let item: ConversationItem = sqlx::query_as(
+    let item: ConversationItem = read_query!(
+        &state.db,
+        query_as,
+        fetch_optional,
         "SELECT id, title, created_at, updated_at, message_count, last_message_preview,
                 activity_position, version
            FROM rm_messages.conversations
           WHERE id = $1 AND owner = $2 AND NOT archived",
-    )
-    .bind(id)
-    .bind(user.id)
-    .fetch_optional(&state.pool)
-    .await?
+        "SELECT id, title, created_at, updated_at, message_count, last_message_preview,
+                activity_position, version
+           FROM rm_messages_conversations
+          WHERE id = $1 AND owner = $2 AND NOT archived",
+        id,
+        user.id,
+    )?
     .ok_or(ApiError::NotFound)?;
     let version = item.version;
     let mut response = axum::Json(Conversation { item, version }).into_response();
@@ -384,7 +389,11 @@ pub(crate) async fn list(
         .transpose()?;
     min.wait(&state, SCHEMA).await?;
     let (after_position, after_id) = after.unzip();
-    let mut items: Vec<ConversationItem> = sqlx::query_as(
+    // Ids compare bytewise on both backends (Postgres' uuid order, SQLite's BLOB order).
+    let mut items: Vec<ConversationItem> = read_query!(
+        &state.db,
+        query_as,
+        fetch_all,
         "SELECT id, title, created_at, updated_at, message_count, last_message_preview,
                 activity_position, version
            FROM rm_messages.conversations
@@ -392,13 +401,18 @@ pub(crate) async fn list(
             AND ($2::bigint IS NULL OR (activity_position, id) < ($2, $3::uuid))
           ORDER BY activity_position DESC, id DESC
           LIMIT $4",
-    )
-    .bind(user.id)
-    .bind(after_position)
-    .bind(after_id)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
+        "SELECT id, title, created_at, updated_at, message_count, last_message_preview,
+                activity_position, version
+           FROM rm_messages_conversations
+          WHERE owner = $1 AND NOT archived
+            AND ($2 IS NULL OR (activity_position, id) < ($2, $3))
+          ORDER BY activity_position DESC, id DESC
+          LIMIT $4",
+        user.id,
+        after_position,
+        after_id,
+        limit + 1,
+    )?;
     let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next_cursor = more

@@ -362,13 +362,15 @@ pub(crate) async fn list(
     let before = params.before.as_deref().map(parse_id).transpose()?;
     let after = params.after.as_deref().map(parse_id).transpose()?;
     min.wait(&state, SCHEMA).await?;
-    let visible: Option<i32> = sqlx::query_scalar(
+    let visible: Option<i32> = read_query!(
+        &state.db,
+        query_scalar,
+        fetch_optional,
         "SELECT 1 FROM rm_messages.conversations WHERE id = $1 AND owner = $2 AND NOT archived",
-    )
-    .bind(id)
-    .bind(user.id)
-    .fetch_optional(&state.pool)
-    .await?;
+        "SELECT 1 FROM rm_messages_conversations WHERE id = $1 AND owner = $2 AND NOT archived",
+        id,
+        user.id,
+    )?;
     if visible.is_none() {
         return Err(ApiError::NotFound);
     }
@@ -378,10 +380,15 @@ pub(crate) async fn list(
         (None, None, Some(message)) => Anchor::After(seq_of(&state, id, message).await?),
         (None, None, None) => Anchor::After(-1),
     };
-    let (sql, seq) = match anchor {
+    let (postgres, sqlite, seq) = match anchor {
         Anchor::After(seq) => (
             "SELECT id, author, text, created_at, edited_at, run_id, seq
                FROM rm_messages.messages
+              WHERE conversation_id = $1 AND NOT deleted AND seq > $2
+              ORDER BY seq
+              LIMIT $3",
+            "SELECT id, author, text, created_at, edited_at, run_id, seq
+               FROM rm_messages_messages
               WHERE conversation_id = $1 AND NOT deleted AND seq > $2
               ORDER BY seq
               LIMIT $3",
@@ -393,15 +400,24 @@ pub(crate) async fn list(
               WHERE conversation_id = $1 AND NOT deleted AND seq < $2
               ORDER BY seq DESC
               LIMIT $3",
+            "SELECT id, author, text, created_at, edited_at, run_id, seq
+               FROM rm_messages_messages
+              WHERE conversation_id = $1 AND NOT deleted AND seq < $2
+              ORDER BY seq DESC
+              LIMIT $3",
             seq,
         ),
     };
-    let mut items: Vec<MessageItem> = sqlx::query_as(sql)
-        .bind(id)
-        .bind(seq)
-        .bind(limit + 1)
-        .fetch_all(&state.pool)
-        .await?;
+    let mut items: Vec<MessageItem> = read_query!(
+        &state.db,
+        query_as,
+        fetch_all,
+        postgres,
+        sqlite,
+        id,
+        seq,
+        limit + 1,
+    )?;
     let page = usize::try_from(limit).unwrap_or(usize::MAX);
     let more = items.len() > page;
     items.truncate(page);
@@ -418,14 +434,16 @@ pub(crate) async fn list(
 
 /// The `seq` of a message of this conversation (deleted ones too); 404 if none.
 async fn seq_of(state: &GatewayState, conversation: Uuid, message: Uuid) -> Result<i64, ApiError> {
-    sqlx::query_scalar(
+    let seq: Option<i64> = read_query!(
+        &state.db,
+        query_scalar,
+        fetch_optional,
         "SELECT seq FROM rm_messages.messages WHERE id = $1 AND conversation_id = $2",
-    )
-    .bind(message)
-    .bind(conversation)
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or(ApiError::NotFound)
+        "SELECT seq FROM rm_messages_messages WHERE id = $1 AND conversation_id = $2",
+        message,
+        conversation,
+    )?;
+    seq.ok_or(ApiError::NotFound)
 }
 
 #[cfg(test)]

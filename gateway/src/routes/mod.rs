@@ -7,12 +7,32 @@
 //!   request (method, path, body), and the ids it creates are derived from the key, so
 //!   a repeat is the same command and appends nothing.
 //! - Queries read the read models (`rm_messages`, `rm_runs`, `rm_search`), after
-//!   waiting, bounded, for `X-Colloquy-Min-Position` / `?min_position=`.
+//!   waiting, bounded, for `X-Colloquy-Min-Position` / `?min_position=`. Each query is
+//!   written for both backends ([`read_query!`]): Postgres names a table
+//!   `rm_messages.conversations`, SQLite `rm_messages_conversations`.
 //! - Path ids that are not UUIDs are 404, like ids that exist but are not the
 //!   caller's.
 //! - Each handler carries its OpenAPI description (`#[utoipa::path]`), and [`api`]
 //!   registers it with its route in one step, so the served router and the document
 //!   (`crate::openapi`) list the same operations.
+
+/// Runs one read-model query on whichever backend `$db` (a `&Database`) is:
+/// `$postgres` and `$sqlite` are the same query in each dialect, with the same binds.
+/// `$kind` is `query_as` or `query_scalar`, `$fetch` how many rows (`fetch_all`,
+/// `fetch_optional`, `fetch_one`).
+macro_rules! read_query {
+    ($db:expr, $kind:ident, $fetch:ident, $postgres:expr, $sqlite:expr $(, $bind:expr)* $(,)?) => {
+        match $db {
+            colloquy_eventstore::Database::Postgres(pool) => {
+                sqlx::$kind($postgres)$(.bind($bind))*.$fetch(pool).await
+            }
+            colloquy_eventstore::Database::Sqlite(pool) => {
+                sqlx::$kind($sqlite)$(.bind($bind))*.$fetch(pool).await
+            }
+        }
+    };
+}
+pub(crate) use read_query;
 
 mod conversations;
 mod messages;
@@ -325,7 +345,7 @@ impl MinPosition {
             return Ok(());
         };
         let reached = colloquy_projections::wait::wait_for_position(
-            &state.pool,
+            &state.db,
             schema,
             position,
             WAIT_TIMEOUT,

@@ -220,16 +220,21 @@ pub(crate) async fn show(
 ) -> Result<Response, ApiError> {
     let run_id = parse_id(&run_id)?;
     min.wait(&state, SCHEMA).await?;
-    let run: RunView = sqlx::query_as(
+    let run: RunView = read_query!(
+        &state.db,
+        query_as,
+        fetch_optional,
         "SELECT id, conversation_id, status, stage, percent, attempts, error, reply_message_id,
                 usage, position, created_at, started_at, finished_at
            FROM rm_runs.runs
           WHERE id = $1 AND requested_by = $2",
-    )
-    .bind(run_id)
-    .bind(user.id)
-    .fetch_optional(&state.pool)
-    .await?
+        "SELECT id, conversation_id, status, stage, percent, attempts, error, reply_message_id,
+                usage, position, created_at, started_at, finished_at
+           FROM rm_runs_runs
+          WHERE id = $1 AND requested_by = $2",
+        run_id,
+        user.id,
+    )?
     .ok_or(ApiError::NotFound)?;
     Ok(axum::Json(run).into_response())
 }

@@ -106,7 +106,7 @@ pub(crate) async fn search(
     };
     min.wait(&state, SCHEMA).await?;
     let mut hits = colloquy_projections::search::search(
-        &state.pool,
+        &state.db,
         user.id,
         &q,
         conversation,

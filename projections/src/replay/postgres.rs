@@ -1,4 +1,4 @@
-//! Rebuilding a read model from the log, and verifying one against a rebuild.
+//! Rebuild and verify on Postgres.
 //!
 //! A rebuild projects the whole log into a scratch schema (`<schema>__rebuild`) while
 //! the live tables keep serving, then, holding the projection's lock (which pauses the
@@ -17,19 +17,9 @@ use colloquy_eventstore::{EventStore, GlobalPosition, LogFilter};
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row};
 
-use crate::projection::Projection;
-use crate::runner::{BATCH, apply_batch, read_checkpoint};
-
-/// Progress callback: (position reached, head when the rebuild started).
-pub type Progress<'a> = &'a (dyn Fn(GlobalPosition, GlobalPosition) + Send + Sync);
-
-/// A rebuild or verify of this projection is already running (somewhere).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a rebuild or verify of {projection} is already running")]
-pub struct AlreadyRunning {
-    /// The projection's name.
-    pub projection: &'static str,
-}
+use super::{AlreadyRunning, Difference, Progress};
+use crate::projection::{Conn, Projection};
+use crate::runner::{BATCH, apply_batch_in_schema, apply_fresh, check_schema};
 
 /// The first key of the advisory locks on scratch schemas (the second is the hash of
 /// the scratch schema's name); a constant of its own keeps them apart from the
@@ -68,7 +58,10 @@ async fn lock_scratch(
 
 /// Whether a rebuild of `projection` is running now, in any process connected to
 /// this database (its scratch lock is held).
-pub async fn is_rebuilding(pool: &PgPool, projection: &dyn Projection) -> anyhow::Result<bool> {
+pub(super) async fn is_rebuilding(
+    pool: &PgPool,
+    projection: &dyn Projection,
+) -> anyhow::Result<bool> {
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (
              SELECT 1 FROM pg_locks
@@ -111,7 +104,7 @@ async fn fill(
     until: GlobalPosition,
     progress: Progress<'_>,
 ) -> anyhow::Result<GlobalPosition> {
-    let mut position = read_checkpoint(pool, scratch).await?;
+    let mut position = checkpoint(pool, scratch).await?;
     // Reading the next page overlaps with applying this one.
     let page = |after: GlobalPosition| {
         let store = Arc::clone(store);
@@ -126,8 +119,10 @@ async fn fill(
         let Some(last) = events.last().map(|e| e.global_position) else {
             break;
         };
-        let (applied, next) =
-            tokio::join!(apply_batch(pool, projection, scratch, &events), page(last));
+        let (applied, next) = tokio::join!(
+            apply_batch_in_schema(pool, projection, scratch, &events),
+            page(last)
+        );
         applied?;
         events = next?;
         position = last;
@@ -142,7 +137,7 @@ async fn fill(
 /// # Errors
 /// [`AlreadyRunning`] (inside the `anyhow::Error`) when another rebuild of the
 /// projection holds its scratch schema; otherwise database and log failures.
-pub async fn rebuild(
+pub(super) async fn rebuild(
     pool: &PgPool,
     store: &Arc<dyn EventStore>,
     projection: &dyn Projection,
@@ -162,18 +157,14 @@ pub async fn rebuild(
         .bind(live)
         .execute(&mut *tx)
         .await?;
-    let mut position = read_checkpoint(pool, &scratch).await?;
+    let mut position = checkpoint(pool, &scratch).await?;
+    crate::runner::set_schema(&mut tx, &scratch).await?;
     loop {
         let events = store.read_log(&LogFilter::All, position, BATCH).await?;
         let Some(last) = events.last().map(|e| e.global_position) else {
             break;
         };
-        crate::runner::set_schema(&mut tx, &scratch).await?;
-        projection.apply_all(&mut tx, &events).await?;
-        sqlx::query("UPDATE checkpoint SET position = $1, updated_at = now()")
-            .bind(last)
-            .execute(&mut *tx)
-            .await?;
+        apply_fresh(&mut Conn::Postgres(&mut tx), projection, &events).await?;
         position = last;
     }
     let old = format!("{live}__old");
@@ -189,19 +180,9 @@ pub async fn rebuild(
     Ok(position)
 }
 
-/// One difference between a live read model and a fresh rebuild.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Difference {
-    pub table: String,
-    pub key: String,
-    /// `missing` (in the rebuild, not live), `extra` (live, not in the rebuild) or
-    /// `changed` (both, with other values).
-    pub kind: &'static str,
-}
-
 /// Rebuilds `projection` into a scratch schema up to the live checkpoint and reports
 /// every row that differs from the live tables. The scratch schema is dropped after.
-pub async fn verify(
+pub(super) async fn verify(
     pool: &PgPool,
     store: &Arc<dyn EventStore>,
     projection: &dyn Projection,
@@ -211,7 +192,7 @@ pub async fn verify(
     let scratch = format!("{live}__verify");
     let _lock = lock_scratch(pool, projection, &scratch).await?;
     create_scratch(pool, projection, &scratch).await?;
-    let target = read_checkpoint(pool, live).await?;
+    let target = checkpoint(pool, live).await?;
     fill(pool, store, projection, &scratch, target, progress).await?;
 
     // Compare under the live lock, after bringing the copy to the live checkpoint
@@ -242,16 +223,11 @@ pub async fn verify(
         .fetch_all(&mut *tx)
         .await?;
         for row in rows {
-            let kind: String = row.try_get("kind")?;
-            differences.push(Difference {
-                table: (*table).to_owned(),
-                key: row.try_get("key")?,
-                kind: match kind.as_str() {
-                    "missing" => "missing",
-                    "extra" => "extra",
-                    _ => "changed",
-                },
-            });
+            differences.push(Difference::new(
+                table,
+                row.try_get("key")?,
+                row.try_get("kind")?,
+            ));
         }
     }
     tx.commit().await?;
@@ -261,4 +237,14 @@ pub async fn verify(
     .execute(pool)
     .await?;
     Ok(differences)
+}
+
+/// The checkpoint in `schema` (live or scratch).
+async fn checkpoint(pool: &PgPool, schema: &str) -> anyhow::Result<GlobalPosition> {
+    check_schema(schema)?;
+    Ok(sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT position FROM \"{schema}\".checkpoint"
+    )))
+    .fetch_one(pool)
+    .await?)
 }
