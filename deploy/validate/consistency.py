@@ -115,6 +115,8 @@ def check_compose(deploy: Path, keys: set[str], roles: set[str]) -> None:
             env = dict(item.split("=", 1) for item in env)
         for key in sorted(set(env) - keys):
             problem(here, f"sets {key}, which Colloquy does not read (src/config.rs KEYS)")
+        if "," in str(env.get("NATS_URL", "")):
+            problem(here, "NATS_URL lists several servers; Colloquy connects with one URL (deploy/README.md)")
         for key in ("DATABASE_URL", "NATS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"):
             for url in str(env.get(key, "")).split(","):
                 host = host_of(url.strip()) if url.strip() else None
@@ -214,6 +216,9 @@ def check_k8s(deploy: Path, keys: set[str], roles: set[str]) -> None:
         generated[generator["name"]] = set()
         for env in generator.get("envs", []):
             generated[generator["name"]] |= env_keys(k8s / env)
+    config_env = (k8s / "config.env").read_text()
+    if re.search(r"^NATS_URL=.*,", config_env, re.M):
+        problem("deploy/k8s/config.env", "NATS_URL lists several servers; Colloquy connects with one URL")
     for key in sorted(generated.get("colloquy-config", set()) - keys):
         problem("deploy/k8s/config.env", f"{key} is not a setting Colloquy reads (src/config.rs KEYS)")
 
