@@ -212,8 +212,6 @@ def cluster():
     running = Cluster(root)
     try:
         yield running
-    except BaseException:
-        raise
     finally:
         running.stop_all()
         if os.environ.get("COLLOQUY_TEST_KEEP_LOGS"):
@@ -325,15 +323,17 @@ def run_scenario(cluster: Cluster, nodes: list[dict], env: dict, stream: str):
 
     # The node to kill: one holding neither budget bucket (they have one replica), the
     # event stream's leader if that is one of them.
-    placement = wait_for(
-        "the event stream and the budget buckets on the cluster",
-        lambda: (lambda p: p if sum(stream in s for s in p.values()) == 3
-                 and all(any(f"KV_{stream}_{b}" in s for s in p.values()) for b in ("budgets", "budgets_health"))
-                 else None)({n["name"]: streams_on(n) for n in nodes}),
-        timeout=60,
-    )
+    buckets = (f"KV_{stream}_budgets", f"KV_{stream}_budgets_health")
+
+    def placed():
+        placement = {n["name"]: streams_on(n) for n in nodes}
+        on_every_node = all(stream in held for held in placement.values())
+        buckets_made = all(any(b in held for held in placement.values()) for b in buckets)
+        return placement if on_every_node and buckets_made else None
+
+    placement = wait_for("the event stream and the budget buckets on the cluster", placed, timeout=60)
     leader = next(s[stream]["cluster"].get("leader") for s in placement.values() if stream in s)
-    candidates = [n for n in nodes if not any(k.startswith(f"KV_{stream}_") for k in placement[n["name"]])]
+    candidates = [n for n in nodes if not any(b in placement[n["name"]] for b in buckets)]
     assert candidates, f"every node holds a budget bucket: {placement}"
     victim = next((n for n in candidates if n["name"] == leader), candidates[0])
 
@@ -453,9 +453,11 @@ def run_scenario(cluster: Cluster, nodes: list[dict], env: dict, stream: str):
 
     # Read models equal a replay, once the projector has applied the whole log.
     projector = f"http://127.0.0.1:{cluster.ports['projector-relay']}/readyz"
-    wait_for("the projector to catch up",
-             lambda: (lambda lags: lags and all(lag == 0 for lag in lags))(projection_lags(http("GET", projector)[1])),
-             timeout=60, every=0.5)
+    def caught_up():
+        lags = projection_lags(http("GET", projector)[1])
+        return lags and all(lag == 0 for lag in lags)
+
+    wait_for("the projector to catch up", caught_up, timeout=60, every=0.5)
     verify = subprocess.run([BIN, "replay", "--all", "--verify"],
                             env={**os.environ, **env, "NATS_URL": f"nats://127.0.0.1:{survivor['client']}"},
                             capture_output=True, text=True, timeout=300)
