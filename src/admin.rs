@@ -265,7 +265,7 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
                 config.settings.jwt_private_key_file.as_deref(),
             )?;
             let pool = connect(config).await?;
-            let account = account(&pool, user).await?;
+            let account = account(&Database::from(pool), user).await?;
             if account.disabled {
                 bail!("{} is disabled", account.email);
             }
@@ -508,6 +508,7 @@ async fn run_keys(config: &Config, command: &KeysCommand, json: bool) -> anyhow:
 
 async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyhow::Result<()> {
     let pool = connect(config).await?;
+    let db = Database::from(pool.clone());
     let show = |account: &store::Account, what: &str| {
         if json {
             print_json(&json!(account));
@@ -540,26 +541,28 @@ async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyho
                 .map_err(|m| anyhow::anyhow!("password: {m}"))?;
             let hash = Passwords::new().await?.hash(password.into_secret()).await?;
             let id = Uuid::new_v4();
-            store::insert_user(&pool, id, email.as_str(), &hash, None)
+            store::insert_user(&db, id, email.as_str(), &hash, None)
                 .await
-                .map_err(|error| match &error {
-                    sqlx::Error::Database(db) if db.constraint() == Some(store::EMAIL_KEY) => {
+                .map_err(|error| match error {
+                    store::InsertUserError::EmailTaken => {
                         anyhow::anyhow!("an account with this email already exists")
                     }
-                    _ => anyhow::Error::new(error).context("Failed to create the account"),
+                    store::InsertUserError::Database(error) => {
+                        anyhow::Error::new(error).context("Failed to create the account")
+                    }
                 })?;
             if *admin {
-                store::set_admin(&pool, id, true).await?;
+                store::set_admin(&db, id, true).await?;
             }
-            show(&account(&pool, &id.to_string()).await?, "created");
+            show(&account(&db, &id.to_string()).await?, "created");
             Ok(())
         }
         UsersCommand::GrantAdmin { user } | UsersCommand::RevokeAdmin { user } => {
             let grant = matches!(command, UsersCommand::GrantAdmin { .. });
-            let found = account(&pool, user).await?;
-            store::set_admin(&pool, found.id, grant).await?;
+            let found = account(&db, user).await?;
+            store::set_admin(&db, found.id, grant).await?;
             show(
-                &account(&pool, &found.id.to_string()).await?,
+                &account(&db, &found.id.to_string()).await?,
                 if grant {
                     "admin granted"
                 } else {
@@ -569,9 +572,9 @@ async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyho
             Ok(())
         }
         UsersCommand::Disable { user } => {
-            let found = account(&pool, user).await?;
-            let revoked = store::disable_account(&pool, found.id).await?;
-            let shown = account(&pool, &found.id.to_string()).await?;
+            let found = account(&db, user).await?;
+            let revoked = store::disable_account(&db, found.id).await?;
+            let shown = account(&db, &found.id.to_string()).await?;
             if json {
                 print_json(&json!({
                     "id": shown.id,
@@ -589,18 +592,25 @@ async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyho
             Ok(())
         }
         UsersCommand::Forget { user_id } => {
+            let account_erased = store::forget_account(&db, *user_id).await?;
             let report = commands(pool)
                 .forget_user(UserId::from_uuid(*user_id))
                 .await?;
             if json {
                 print_json(&json!({
                     "user_id": user_id,
+                    "account_erased": account_erased,
                     "events_redacted": report.events_redacted,
                     "streams": report.streams,
                 }));
             } else {
                 println!(
-                    "{user_id}: {} event(s) redacted in {} stream(s); rebuild the read models with `colloquy replay --all`",
+                    "{user_id}: account {}; {} event(s) redacted in {} stream(s); rebuild the read models with `colloquy replay --all`",
+                    if account_erased {
+                        "deleted"
+                    } else {
+                        "already gone"
+                    },
                     report.events_redacted,
                     report.streams.len()
                 );
@@ -611,8 +621,8 @@ async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyho
 }
 
 /// The account with this id or email, or an error naming it.
-async fn account(pool: &PgPool, user: &str) -> anyhow::Result<store::Account> {
-    store::find_account(pool, user)
+async fn account(db: &Database, user: &str) -> anyhow::Result<store::Account> {
+    store::find_account(db, user)
         .await?
         .with_context(|| format!("no user {user:?}"))
 }

@@ -392,6 +392,9 @@ pub mod admin {
     #[schema(as = AdminForgotten)]
     pub struct Forgotten {
         user_id: Uuid,
+        /// Whether an account (email, password hash, refresh tokens) was deleted; false
+        /// when repeated.
+        account_erased: bool,
         /// 0 when repeated.
         events_redacted: u64,
         streams: Vec<String>,
@@ -509,8 +512,9 @@ pub mod admin {
         path = "/v1/admin/users/{user_id}/forget",
         tag = "admin",
         operation_id = "admin_forget_user",
-        description = "Erasure: redacts, in the log, every event the user wrote and every event of \
-                       the conversations they own. The read models keep the text until rebuilt.",
+        description = "Erasure: deletes the user's account and refresh tokens, and redacts, in the \
+                       log, every event the user wrote and every event of the conversations they \
+                       own. The read models keep the text until rebuilt.",
         security(("bearer" = [])),
         params(("user_id" = Uuid, Path, description = "The user")),
         responses(

@@ -13,7 +13,8 @@
 //!
 //! Layout: [`tokens`] (JWT keys, refresh tokens), [`password`] (Argon2id off the
 //! runtime), [`input`] (validated registration fields), [`extract`] ([`AuthUser`]),
-//! `store` (SQL), `rate_limit`, `routes` (the handlers).
+//! [`store`] (the SQL, on Postgres or the embedded mode's SQLite file), `rate_limit`,
+//! `routes` (the handlers).
 //!
 //! Only Colloquy's own tokens are accepted. Tokens of an external identity provider
 //! (`COLLOQUY_OIDC_*`: issuer, audience, JWKS URL, algorithms) are not supported yet;
@@ -31,8 +32,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
+use colloquy_eventstore::Database;
 use secrecy::SecretString;
-use sqlx::PgPool;
 
 pub use extract::{AdminUser, AuthUser};
 pub use rate_limit::RateLimit;
@@ -75,7 +76,8 @@ pub struct AuthState {
 }
 
 struct Inner {
-    pool: PgPool,
+    /// Where accounts and refresh tokens live (either backend; see [`store`]).
+    db: Database,
     keys: JwtKeys,
     passwords: Passwords,
     limiter: IpLimiter,
@@ -93,8 +95,8 @@ impl std::fmt::Debug for AuthState {
 
 impl AuthState {
     /// Sets up the signing keys (failing on a bad setting, named) and the password
-    /// hasher, whose dummy hash costs one hash at start.
-    pub async fn new(pool: PgPool, settings: AuthSettings) -> Result<Self, AuthSetupError> {
+    /// hasher, whose dummy hash costs one hash at start. Accounts are kept in `db`.
+    pub async fn new(db: Database, settings: AuthSettings) -> Result<Self, AuthSetupError> {
         let keys = JwtKeys::from_settings(
             settings.jwt_secret.as_ref(),
             settings.jwt_private_key_file.as_deref(),
@@ -102,7 +104,7 @@ impl AuthState {
         let passwords = Passwords::new().await.map_err(AuthSetupError::Passwords)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                pool,
+                db,
                 keys,
                 passwords,
                 limiter: IpLimiter::new(settings.rate_limit),
@@ -118,6 +120,11 @@ impl AuthState {
     /// The access-token keys (for tools and tests that mint tokens).
     pub fn keys(&self) -> &JwtKeys {
         &self.inner.keys
+    }
+
+    /// The database accounts and refresh tokens are kept in.
+    pub fn database(&self) -> &Database {
+        &self.inner.db
     }
 }
 

@@ -6,16 +6,16 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, middleware};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use super::input::{DisplayName, Email, Password, plausible_password};
+use super::store::{self, InsertUserError, Transaction};
 use super::tokens::{ACCESS_TOKEN_TTL, AccessClaims, new_refresh_token, refresh_token_hash};
-use super::{AuthState, AuthUser, rate_limit, store};
+use super::{AuthState, AuthUser, rate_limit};
 use crate::GatewayState;
-use crate::error::{ApiError, ApiJson, FieldError, OnConstraint};
+use crate::error::{ApiError, ApiJson, FieldError};
 
 /// The longest refresh token looked up (ours are 43 characters).
 const MAX_REFRESH_TOKEN_CHARS: usize = 128;
@@ -115,16 +115,19 @@ async fn register(
     let hash = auth.inner.passwords.hash(password.into_secret()).await?;
     let id = Uuid::new_v4();
     store::insert_user(
-        &auth.inner.pool,
+        &auth.inner.db,
         id,
         email.as_str(),
         &hash,
         display_name.as_ref().map(DisplayName::as_str),
     )
     .await
-    .on_constraint(store::EMAIL_KEY, || ApiError::Conflict {
-        code: "email_taken",
-        detail: "an account with this email already exists".to_owned(),
+    .map_err(|error| match error {
+        InsertUserError::EmailTaken => ApiError::Conflict {
+            code: "email_taken",
+            detail: "an account with this email already exists".to_owned(),
+        },
+        InsertUserError::Database(error) => ApiError::from(error),
     })?;
     tracing::Span::current().record("user.id", tracing::field::display(id));
     tracing::info!("user registered");
@@ -189,7 +192,7 @@ async fn login(
 ) -> Result<TokenResponse, ApiError> {
     // The same work whatever is wrong: one lookup, then one Argon2id verification (against
     // a dummy hash when there is no such account or the password is impossibly long).
-    let account = store::credentials(&auth.inner.pool, &Email::normalize(&body.email)).await?;
+    let account = store::credentials(&auth.inner.db, &Email::normalize(&body.email)).await?;
     let plausible = plausible_password(&body.password);
     let stored = account
         .as_ref()
@@ -201,15 +204,9 @@ async fn login(
         _ => return Err(ApiError::InvalidCredentials),
     };
     tracing::Span::current().record("user.id", tracing::field::display(account.id));
-    let mut conn = auth.inner.pool.acquire().await?;
-    let tokens = issue(
-        &auth,
-        &mut conn,
-        account.id,
-        account.is_admin,
-        Uuid::new_v4(),
-    )
-    .await?;
+    let mut tx = Transaction::begin(&auth.inner.db).await?;
+    let tokens = issue(&auth, &mut tx, account.id, account.is_admin, Uuid::new_v4()).await?;
+    tx.commit().await?;
     tracing::info!("user logged in");
     Ok(tokens)
 }
@@ -217,14 +214,14 @@ async fn login(
 /// Stores a new refresh token of `family` and signs an access token.
 async fn issue(
     auth: &AuthState,
-    conn: &mut PgConnection,
+    tx: &mut Transaction,
     user: Uuid,
     admin: bool,
     family: Uuid,
 ) -> Result<TokenResponse, ApiError> {
     let refresh_token = new_refresh_token();
     store::insert_refresh_token(
-        conn,
+        tx,
         family,
         user,
         &refresh_token_hash(refresh_token.expose_secret()),
@@ -278,7 +275,7 @@ async fn refresh(
     if token.len() > MAX_REFRESH_TOKEN_CHARS {
         return Err(ApiError::InvalidRefreshToken);
     }
-    let mut tx = auth.inner.pool.begin().await?;
+    let mut tx = Transaction::begin(&auth.inner.db).await?;
     let Some(presented) = store::lock_refresh_token(&mut tx, &refresh_token_hash(token)).await?
     else {
         return Err(ApiError::InvalidRefreshToken);
@@ -347,7 +344,7 @@ async fn logout(
     // logging out is idempotent.
     if token.len() <= MAX_REFRESH_TOKEN_CHARS {
         let revoked =
-            store::revoke_family_of(&auth.inner.pool, user.id, &refresh_token_hash(token)).await?;
+            store::revoke_family_of(&auth.inner.db, user.id, &refresh_token_hash(token)).await?;
         tracing::info!(tokens.revoked = revoked, "user logged out");
     }
     Ok(StatusCode::NO_CONTENT)
@@ -377,4 +374,155 @@ async fn me(user: AuthUser) -> Json<Me> {
         user_id: user.id,
         admin: user.admin,
     })
+}
+
+/// The handlers on the embedded mode's SQLite file (the API suite drives them over HTTP
+/// on Postgres).
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use colloquy_eventstore::Database;
+
+    use super::*;
+    use crate::auth::AuthSettings;
+
+    /// An [`AuthState`] on a fresh SQLite file, removed when dropped.
+    struct Embedded {
+        auth: AuthState,
+        dir: PathBuf,
+    }
+
+    impl Drop for Embedded {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn embedded() -> Embedded {
+        let dir = std::env::temp_dir().join(format!("colloquy-auth-{}", Uuid::new_v4().simple()));
+        let pool = colloquy_eventstore::sqlite::open(&dir.join("colloquy.db"))
+            .await
+            .unwrap();
+        let auth = AuthState::new(Database::Sqlite(pool), AuthSettings::default())
+            .await
+            .unwrap();
+        Embedded { auth, dir }
+    }
+
+    async fn register_as(auth: &AuthState, email: &str) -> Result<Uuid, ApiError> {
+        let response = register(
+            State(auth.clone()),
+            ApiJson(RegisterRequest {
+                email: email.to_owned(),
+                password: SecretString::from("correct horse"),
+                display_name: Some("Ada".to_owned()),
+            }),
+        )
+        .await?;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let id = store::credentials(auth.database(), &email.to_lowercase())
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        Ok(id)
+    }
+
+    async fn login_as(auth: &AuthState, email: &str) -> Result<TokenResponse, ApiError> {
+        login(
+            State(auth.clone()),
+            ApiJson(LoginRequest {
+                email: email.to_owned(),
+                password: SecretString::from("correct horse"),
+            }),
+        )
+        .await
+    }
+
+    async fn refresh_with(auth: &AuthState, token: &str) -> Result<TokenResponse, ApiError> {
+        refresh(
+            State(auth.clone()),
+            ApiJson(RefreshRequest {
+                refresh_token: SecretString::from(token),
+            }),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn register_login_refresh_and_reuse_on_sqlite() {
+        let test = embedded().await;
+        let auth = &test.auth;
+        let id = register_as(auth, "Ada@Example.com").await.unwrap();
+        let taken = register_as(auth, "ada@EXAMPLE.com").await;
+        assert!(
+            matches!(
+                taken,
+                Err(ApiError::Conflict {
+                    code: "email_taken",
+                    ..
+                })
+            ),
+            "{taken:?}"
+        );
+
+        let tokens = login_as(auth, "ADA@example.com").await.unwrap();
+        let claims = auth.keys().verify(&tokens.access_token).unwrap();
+        assert_eq!(claims.sub, id);
+        assert!(!claims.admin);
+
+        // Refresh rotates, and carries the current admin flag.
+        store::set_admin(auth.database(), id, true).await.unwrap();
+        let rotated = refresh_with(auth, &tokens.refresh_token).await.unwrap();
+        assert_ne!(rotated.refresh_token, tokens.refresh_token);
+        assert!(auth.keys().verify(&rotated.access_token).unwrap().admin);
+
+        // Reusing the rotated token fails and takes its successor with it.
+        let reused = refresh_with(auth, &tokens.refresh_token).await;
+        assert!(matches!(reused, Err(ApiError::InvalidRefreshToken)));
+        let successor = refresh_with(auth, &rotated.refresh_token).await;
+        assert!(matches!(successor, Err(ApiError::InvalidRefreshToken)));
+
+        // A new login is a new family; logout revokes it.
+        let again = login_as(auth, "ada@example.com").await.unwrap();
+        let status = logout(
+            AuthUser { id, admin: false },
+            State(auth.clone()),
+            ApiJson(RefreshRequest {
+                refresh_token: SecretString::from(again.refresh_token.clone()),
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let after_logout = refresh_with(auth, &again.refresh_token).await;
+        assert!(matches!(after_logout, Err(ApiError::InvalidRefreshToken)));
+    }
+
+    #[tokio::test]
+    async fn disabled_and_forgotten_accounts_cannot_log_in_on_sqlite() {
+        let test = embedded().await;
+        let auth = &test.auth;
+        let id = register_as(auth, "ada@example.com").await.unwrap();
+        let tokens = login_as(auth, "ada@example.com").await.unwrap();
+
+        assert_eq!(
+            store::disable_account(auth.database(), id).await.unwrap(),
+            1
+        );
+        let login_refused = login_as(auth, "ada@example.com").await;
+        assert!(matches!(login_refused, Err(ApiError::InvalidCredentials)));
+        let refresh_refused = refresh_with(auth, &tokens.refresh_token).await;
+        assert!(matches!(
+            refresh_refused,
+            Err(ApiError::InvalidRefreshToken)
+        ));
+
+        assert!(store::forget_account(auth.database(), id).await.unwrap());
+        let forgotten = login_as(auth, "ada@example.com").await;
+        assert!(matches!(forgotten, Err(ApiError::InvalidCredentials)));
+        // The email can be registered again, as a new account.
+        assert_ne!(register_as(auth, "ada@example.com").await.unwrap(), id);
+    }
 }
