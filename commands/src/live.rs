@@ -55,18 +55,18 @@ pub enum RunSignals {
 }
 
 impl RunSignals {
-    /// Sends `signal` for `run`, at most once and without waiting: a lost token is only
-    /// a flicker, the reply itself is durable.
-    pub fn publish(&self, run: Uuid, signal: &RunSignal) {
+    /// Sends `signal` for `run`, at most once: a lost token is only a flicker, the reply
+    /// itself is durable. Signals of one sender arrive in the order they were sent (this
+    /// only queues them on the connection; it never waits for the server).
+    pub async fn publish(&self, run: Uuid, signal: &RunSignal) {
         match self {
             Self::Nats { client, prefix } => {
                 let Ok(payload) = serde_json::to_vec(signal) else {
                     return;
                 };
-                let (client, subject) = (client.clone(), run_subject(prefix, run));
-                tokio::spawn(async move {
-                    let _ = client.publish(subject, payload.into()).await;
-                });
+                let _ = client
+                    .publish(run_subject(prefix, run), payload.into())
+                    .await;
             }
             Self::Local(local) => local.publish(run, signal.clone()),
         }
@@ -156,11 +156,13 @@ mod tests {
             attempt: 1,
             text: "he".into(),
         };
-        signals.publish(run, &token);
-        signals.publish(run, &RunSignal::Reset { attempt: 2 });
+        signals.publish(run, &token).await;
+        signals.publish(run, &RunSignal::Reset { attempt: 2 }).await;
         assert_eq!(stream.next().await, Some(token));
         assert_eq!(stream.next().await, Some(RunSignal::Reset { attempt: 2 }));
-        signals.publish(other, &RunSignal::Reset { attempt: 1 });
+        signals
+            .publish(other, &RunSignal::Reset { attempt: 1 })
+            .await;
         assert_eq!(
             other_stream.next().await,
             Some(RunSignal::Reset { attempt: 1 }),
@@ -168,7 +170,7 @@ mod tests {
         );
         drop(stream);
         // With no subscriber left, the run's channel goes at the next signal.
-        signals.publish(run, &RunSignal::Reset { attempt: 3 });
+        signals.publish(run, &RunSignal::Reset { attempt: 3 }).await;
         let RunSignals::Local(local) = &signals else {
             unreachable!()
         };

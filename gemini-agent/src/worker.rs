@@ -757,7 +757,8 @@ impl Agent {
                     RunSignal::Reset {
                         attempt: attempt + 1,
                     },
-                );
+                )
+                .await;
                 tokens_sent = false;
             }
             if !failure.is_retryable(settings.retry_timeouts) {
@@ -825,7 +826,8 @@ impl Agent {
                                 attempt,
                                 text: delta,
                             },
-                        );
+                        )
+                        .await;
                         if last_progress.elapsed() >= Duration::from_secs(1) {
                             last_progress = Instant::now();
                             // 20 → 90 as the reply grows (a guess: replies of ~2,000
@@ -915,9 +917,9 @@ impl Agent {
         });
     }
 
-    fn signal(&self, run: RunId, signal: RunSignal) {
-        // At most once: a lost token is only a flicker; the reply is durable.
-        self.inner.signals.publish(run.as_uuid(), &signal);
+    async fn signal(&self, run: RunId, signal: RunSignal) {
+        // At most once, in order: a lost token is only a flicker; the reply is durable.
+        self.inner.signals.publish(run.as_uuid(), &signal).await;
     }
 
     async fn progress(&self, run: RunId, attempt: u32, stage: &str, percent: u8, ctx: &Context) {
