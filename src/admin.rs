@@ -1,7 +1,7 @@
 //! `colloquy admin …`: the operators' tools on the command line. Each reads the same
-//! configuration as `serve`, talks to Postgres directly (and NATS where the key pool
-//! needs it) and calls the same library functions as the HTTP routes under
-//! `/v1/admin`, so both show the same things. A readable table by default, JSON with
+//! configuration as `serve`, talks to the database directly (Postgres, or the embedded
+//! mode's SQLite file; NATS where the key pool needs it) and calls the same library
+//! functions as the HTTP routes under `/v1/admin`, so both show the same things. A readable table by default, JSON with
 //! `--json`; exit status 0 on success, 1 on failure, 2 on bad usage.
 //!
 //! Writes the CLI appends to the log (a revived run) name [`OPERATOR`] as their acting
@@ -16,17 +16,14 @@ use clap::{Args, Subcommand};
 use colloquy_commands::cache::CacheConfig;
 use colloquy_commands::{Commands, Context};
 use colloquy_domain::{RunId, UserId};
-use colloquy_eventstore::{
-    Database, EventStore, LogFilter, PgEventStore, PgOptions, RecordedEvent, Subscription,
-};
+use colloquy_eventstore::{Database, EventStore, LogFilter, RecordedEvent, Subscription};
 use colloquy_gateway::admin::{projections, runs};
 use colloquy_gateway::auth::input::{Email, Password};
 use colloquy_gateway::auth::password::Passwords;
 use colloquy_gateway::auth::store;
 use colloquy_gateway::auth::{AccessClaims, JwtKeys};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::{Config, Storage};
@@ -219,8 +216,7 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
             from,
             limit,
         }) => {
-            let pool = connect(config).await?;
-            let store = PgEventStore::with_pool(pool, PgOptions::default());
+            let (_, store) = connect(config).await?;
             let events = store
                 .read_stream(stream, *from, *limit as usize)
                 .await
@@ -235,10 +231,10 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
             limit,
             follow,
         }) => {
-            let pool = connect(config).await?;
+            let (_, store) = connect(config).await?;
             let filter = category.clone().map_or(LogFilter::All, LogFilter::Category);
             let tail = Tail {
-                store: Arc::new(PgEventStore::with_pool(pool, PgOptions::default())),
+                store,
                 filter,
                 event_type: event_type.clone(),
                 after: from - 1,
@@ -255,17 +251,18 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Keys(command) => run_keys(config, command, json).await,
         AdminCommand::Users(command) => run_users(config, command, json).await,
         AdminCommand::Tokens(TokensCommand::Issue { user, ttl }) => {
-            if config.settings.jwt_secret.is_none() {
+            // The embedded mode's own secret counts: `serve` made it beside the file.
+            let Some(secret) = crate::app::jwt_secret(config)? else {
                 bail!(
                     "tokens issue needs COLLOQUY_JWT_SECRET (the secret the gateways verify with); without it a token would be signed with a throwaway key"
                 );
-            }
+            };
             let keys = JwtKeys::from_settings(
-                config.settings.jwt_secret.as_ref(),
+                Some(&secret),
                 config.settings.jwt_private_key_file.as_deref(),
             )?;
-            let pool = connect(config).await?;
-            let account = account(&Database::from(pool), user).await?;
+            let (db, _) = connect(config).await?;
+            let account = account(&db, user).await?;
             if account.disabled {
                 bail!("{} is disabled", account.email);
             }
@@ -288,28 +285,14 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Connects to Postgres and applies the migrations (so a fresh database works).
-async fn connect(config: &Config) -> anyhow::Result<PgPool> {
-    let Storage::Postgres { url, .. } = &config.storage else {
-        bail!("admin needs DATABASE_URL=postgres://… (the embedded mode is not built yet)");
-    };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url.expose_secret())
-        .await
-        .context("Failed to connect to Postgres (DATABASE_URL)")?;
-    colloquy_eventstore::postgres::migrate(&pool)
-        .await
-        .context("Failed to apply migrations")?;
-    Ok(pool)
+/// Opens the configured database (Postgres, migrated so a fresh database works, or the
+/// embedded mode's file) and its log.
+async fn connect(config: &Config) -> anyhow::Result<(Database, Arc<dyn EventStore>)> {
+    crate::app::open_database(config, 4).await
 }
 
-fn commands(pool: PgPool) -> Commands {
-    Commands::new(
-        Arc::new(PgEventStore::with_pool(pool, PgOptions::default())),
-        CacheConfig::default(),
-    )
+fn commands(store: Arc<dyn EventStore>) -> Commands {
+    Commands::new(store, CacheConfig::default())
 }
 
 async fn run_projections(
@@ -317,10 +300,10 @@ async fn run_projections(
     command: &ProjectionsCommand,
     json: bool,
 ) -> anyhow::Result<()> {
-    let pool = connect(config).await?;
+    let (db, store) = connect(config).await?;
     match command {
         ProjectionsCommand::Status => {
-            let states = projections::projection_states(&Database::from(pool)).await?;
+            let states = projections::projection_states(&db).await?;
             let items: Vec<Value> = states
                 .iter()
                 .map(|found| {
@@ -348,15 +331,9 @@ async fn run_projections(
             let projection = colloquy_projections::by_name(name).with_context(|| {
                 format!("no projection named {name:?} (there are: messages, runs, search)")
             })?;
-            let store: Arc<dyn EventStore> =
-                Arc::new(PgEventStore::with_pool(pool.clone(), PgOptions::default()));
-            let reached = colloquy_projections::replay::rebuild(
-                &Database::from(pool),
-                &store,
-                projection.as_ref(),
-                &|_, _| {},
-            )
-            .await?;
+            let reached =
+                colloquy_projections::replay::rebuild(&db, &store, projection.as_ref(), &|_, _| {})
+                    .await?;
             if json {
                 print_json(&json!({ "name": projection.name(), "position": reached }));
             } else {
@@ -371,10 +348,10 @@ async fn run_projections(
 }
 
 async fn run_runs(config: &Config, command: &RunsCommand, json: bool) -> anyhow::Result<()> {
-    let pool = connect(config).await?;
+    let (db, store) = connect(config).await?;
     match command {
         RunsCommand::DeadLetters { limit } => {
-            let items = runs::list_dead_letters(&Database::from(pool), None, *limit).await?;
+            let items = runs::list_dead_letters(&db, None, *limit).await?;
             let items: Vec<Value> = items
                 .iter()
                 .map(serde_json::to_value)
@@ -393,7 +370,7 @@ async fn run_runs(config: &Config, command: &RunsCommand, json: bool) -> anyhow:
         RunsCommand::Retry { run_id } => {
             let ctx = Context::new(UserId::from_uuid(OPERATOR));
             let position =
-                runs::revive_dead_letter(&commands(pool), RunId::from_uuid(*run_id), &ctx)
+                runs::revive_dead_letter(&commands(store), RunId::from_uuid(*run_id), &ctx)
                     .await?
                     .with_context(|| format!("no run {run_id}"))?;
             if json {
@@ -408,14 +385,16 @@ async fn run_runs(config: &Config, command: &RunsCommand, json: bool) -> anyhow:
 
 async fn run_keys(config: &Config, command: &KeysCommand, json: bool) -> anyhow::Result<()> {
     let Storage::Postgres { nats_url, .. } = &config.storage else {
-        bail!("admin keys needs NATS_URL (the key pool's budgets are shared through NATS)");
+        bail!(
+            "admin keys needs NATS_URL (the key pool's budgets are shared through NATS); in the embedded mode the pool lives inside `serve`: GET /v1/admin/keys shows it"
+        );
     };
     let nats = async_nats::ConnectOptions::new()
         .name("colloquy-admin")
-        .connect(nats_url.as_str())
+        .connect(crate::app::nats_servers(nats_url)?)
         .await
         .context("Failed to connect to NATS (NATS_URL)")?;
-    let Some(pool) = crate::app::key_pool(config, &nats, true).await? else {
+    let Some(pool) = crate::app::key_pool(config, Some(&nats), true).await? else {
         if json {
             print_json(&json!({ "items": [] }));
         } else {
@@ -507,8 +486,7 @@ async fn run_keys(config: &Config, command: &KeysCommand, json: bool) -> anyhow:
 }
 
 async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyhow::Result<()> {
-    let pool = connect(config).await?;
-    let db = Database::from(pool.clone());
+    let (db, store) = connect(config).await?;
     let show = |account: &store::Account, what: &str| {
         if json {
             print_json(&json!(account));
@@ -593,7 +571,7 @@ async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyho
         }
         UsersCommand::Forget { user_id } => {
             let account_erased = store::forget_account(&db, *user_id).await?;
-            let report = commands(pool)
+            let report = commands(store)
                 .forget_user(UserId::from_uuid(*user_id))
                 .await?;
             if json {

@@ -8,14 +8,18 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use colloquy_commands::live::LocalSignals;
 use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
 use colloquy_domain::RunId;
-use colloquy_eventstore::{Database, EventStore, PgEventStore, PgOptions};
+use colloquy_eventstore::{
+    Database, EventStore, GlobalPosition, PgEventStore, PgOptions, SqliteEventStore,
+};
 use colloquy_gateway::edges::Edges;
 use colloquy_gateway::{GatewayState, LiveHub, LiveSettings, Probe, ProbeResult};
 use colloquy_gemini_agent::backoff::RetrySchedule;
@@ -25,13 +29,15 @@ use colloquy_gemini_agent::budget::{
 use colloquy_gemini_agent::clock::SystemClock;
 use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig};
 use colloquy_gemini_agent::keys::KeyPool;
-use colloquy_gemini_agent::worker::{Agent, AgentSettings, DueRuns};
+use colloquy_gemini_agent::worker::{
+    Agent, AgentSettings, BoxError, Checkpoint, DueRuns, Transport,
+};
 use colloquy_projections::jetstream::FanOut;
 use colloquy_projections::runner::ProjectionLag;
 use colloquy_projections::{Runner, all_projections};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -61,17 +67,41 @@ pub struct Application {
     router: axum::Router,
     config: Config,
     roles: BTreeSet<Role>,
-    pool: PgPool,
-    store: PgEventStore,
-    nats: async_nats::Client,
+    /// The read models' and accounts' database (and the log's, in the embedded mode).
+    db: Database,
+    store: Arc<dyn EventStore>,
+    backing: Backing,
     live: LiveHub,
     /// The Gemini key pool, shared by the agent role and the gateway's admin view.
     keys: Option<Arc<KeyPool>>,
 }
 
+/// What the log is fanned out with.
+#[derive(Debug, Clone)]
+enum Backing {
+    /// Postgres and NATS JetStream (`--external`, and any `postgres://` URL).
+    External {
+        store: PgEventStore,
+        nats: async_nats::Client,
+    },
+    /// One SQLite file and no broker: every role tails the log, woken in-process on
+    /// append; run tokens travel in memory.
+    Embedded { signals: LocalSignals },
+}
+
+/// Where `serve` keeps its data, for its first line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Postgres + NATS.
+    External,
+    /// One SQLite file at this path.
+    Embedded { path: String },
+}
+
 impl Application {
-    /// Connects to Postgres (applying migrations) and NATS, and binds the listener
-    /// (`listener` if given, else `COLLOQUY_BIND`).
+    /// Connects to Postgres (applying migrations) and NATS, or opens the embedded
+    /// mode's SQLite file, and binds the listener (`listener` if given, else
+    /// `COLLOQUY_BIND`).
     pub async fn build(config: Config, listener: Option<TcpListener>) -> anyhow::Result<Self> {
         Self::build_with_roles(config, listener, all_roles()).await
     }
@@ -82,27 +112,7 @@ impl Application {
         listener: Option<TcpListener>,
         roles: BTreeSet<Role>,
     ) -> anyhow::Result<Self> {
-        let Storage::Postgres { url, nats_url } = &config.storage else {
-            anyhow::bail!(
-                "the embedded mode (no DATABASE_URL) is not available in this build yet: set DATABASE_URL=postgres://… and NATS_URL"
-            );
-        };
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url.expose_secret())
-            .await
-            .context("Failed to connect to Postgres (DATABASE_URL)")?;
-        colloquy_eventstore::postgres::migrate(&pool)
-            .await
-            .context("Failed to apply database migrations")?;
-        let store = PgEventStore::with_pool(pool.clone(), PgOptions::default());
-        let nats = async_nats::ConnectOptions::new()
-            .name("colloquy")
-            .retry_on_initial_connect()
-            .connect(nats_url.as_str())
-            .await
-            .context("Failed to configure the NATS connection (NATS_URL)")?;
+        let (db, store, backing) = open_storage(&config.storage).await?;
         let listener = match listener {
             Some(listener) => listener,
             None => TcpListener::bind(config.settings.bind)
@@ -111,20 +121,21 @@ impl Application {
                     format!("Failed to bind COLLOQUY_BIND={}", config.settings.bind)
                 })?,
         };
-        let mut probes: Vec<Arc<dyn Probe>> = vec![
-            Arc::new(PostgresProbe(pool.clone())),
-            Arc::new(NatsProbe(nats.clone())),
-        ];
+        let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(DatabaseProbe(db.clone()))];
+        if let Backing::External { nats, .. } = &backing {
+            probes.push(Arc::new(NatsProbe(nats.clone())));
+        }
         if roles.contains(&Role::Projector) {
             probes.push(Arc::new(ProjectionsProbe {
-                pool: pool.clone(),
+                db: db.clone(),
                 budget: config.projection_lag_budget,
             }));
         }
+        let jwt_secret = jwt_secret(&config)?;
         let auth = colloquy_gateway::AuthState::new(
-            pool.clone(),
+            db.clone(),
             colloquy_gateway::auth::AuthSettings {
-                jwt_secret: config.settings.jwt_secret.clone(),
+                jwt_secret,
                 jwt_private_key_file: config.settings.jwt_private_key_file.clone(),
                 command_rate_limit: Some(colloquy_gateway::auth::RateLimit::new(
                     config.settings.commands_per_second,
@@ -136,23 +147,31 @@ impl Application {
         .await
         .context("Failed to set up authentication")?;
         let commands = colloquy_commands::Commands::new(
-            Arc::new(store.clone()),
+            Arc::clone(&store),
             colloquy_commands::cache::CacheConfig::default(),
         );
-        let live = LiveHub::new(
-            commands.clone(),
-            Some(nats.clone()),
-            LiveSettings {
-                prefix: config.settings.subject_prefix.clone(),
-                buffer: config.settings.sse_buffer,
-                max_streams_per_user: config.settings.sse_max_streams_per_user,
-                ..LiveSettings::default()
-            },
-        );
+        let live_settings = LiveSettings {
+            prefix: config.settings.subject_prefix.clone(),
+            buffer: config.settings.sse_buffer,
+            max_streams_per_user: config.settings.sse_max_streams_per_user,
+            ..LiveSettings::default()
+        };
+        let live = match &backing {
+            Backing::External { nats, .. } => {
+                LiveHub::new(commands.clone(), Some(nats.clone()), live_settings)
+            }
+            Backing::Embedded { signals } => {
+                LiveHub::embedded(commands.clone(), signals.clone(), live_settings)
+            }
+        };
         // One pool per process: the agent spends from it and the admin view reads it, so
         // both see the same budgets and key health.
         let keys = if roles.contains(&Role::Agent) || roles.contains(&Role::Gateway) {
-            key_pool(&config, &nats, false).await?
+            let nats = match &backing {
+                Backing::External { nats, .. } => Some(nats),
+                Backing::Embedded { .. } => None,
+            };
+            key_pool(&config, nats, false).await?
         } else {
             None
         };
@@ -161,7 +180,7 @@ impl Application {
                 probes: Arc::new(probes),
                 auth,
                 commands,
-                db: Database::from(pool.clone()),
+                db: db.clone(),
                 live: live.clone(),
                 keys: keys.clone(),
                 rebuilds: colloquy_gateway::admin::Rebuilds::default(),
@@ -177,12 +196,36 @@ impl Application {
             router,
             config,
             roles,
-            pool,
+            db,
             store,
-            nats,
+            backing,
             live,
             keys,
         })
+    }
+
+    /// The event store every role of this process appends through.
+    pub fn store(&self) -> Arc<dyn EventStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// The embedded mode's in-memory run signals (`None` in the external mode, where
+    /// they travel over NATS).
+    pub fn local_signals(&self) -> Option<LocalSignals> {
+        match &self.backing {
+            Backing::External { .. } => None,
+            Backing::Embedded { signals } => Some(signals.clone()),
+        }
+    }
+
+    /// Where this application keeps its data.
+    pub fn mode(&self) -> Mode {
+        match &self.config.storage {
+            Storage::Postgres { .. } => Mode::External,
+            Storage::Embedded { sqlite_url } => Mode::Embedded {
+                path: sqlite_path(sqlite_url),
+            },
+        }
     }
 
     /// The address the listener is bound to.
@@ -206,7 +249,54 @@ impl Application {
         if self.roles.contains(&Role::Gateway) {
             tasks.push(tokio::spawn(self.live.clone().run(shutdown.clone())));
         }
-        let jetstream = async_nats::jetstream::new(self.nats.clone());
+        match &self.backing {
+            Backing::External { store, nats } => {
+                self.start_fan_out(store, nats, shutdown, &mut tasks).await;
+            }
+            Backing::Embedded { .. } => {
+                // No broker: each projection tails the log from its checkpoint, woken
+                // in-process on append.
+                if self.roles.contains(&Role::Projector) {
+                    for projection in all_projections() {
+                        let runner =
+                            Runner::new(self.db.clone(), Arc::clone(&self.store), projection);
+                        let token = shutdown.clone();
+                        tasks.push(tokio::spawn(async move {
+                            if let Err(error) = runner.follow_log(token).await {
+                                tracing::error!(projection = runner.projection().name(), error = %error, "the projector stopped");
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+        if self.roles.contains(&Role::Agent) {
+            match self.agent() {
+                Ok(agent) => {
+                    // Disabled keys come back by themselves once Gemini takes them again.
+                    tasks.extend(
+                        agent.spawn_key_reprobe(Duration::from_secs(300), shutdown.clone()),
+                    );
+                    let due: Arc<dyn DueRuns> = Arc::new(RunsDue(self.db.clone()));
+                    tasks.push(tokio::spawn(agent.run(Some(due), shutdown.clone())));
+                }
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "the agent cannot start");
+                }
+            }
+        }
+        tasks
+    }
+
+    /// The external mode's relay (log → JetStream) and JetStream-fed projectors.
+    async fn start_fan_out(
+        &self,
+        store: &PgEventStore,
+        nats: &async_nats::Client,
+        shutdown: &CancellationToken,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) {
+        let jetstream = async_nats::jetstream::new(nats.clone());
         let relay_config = self.relay_config();
         if self.roles.contains(&Role::Relay) || self.roles.contains(&Role::Projector) {
             // Both need the stream; creating it is idempotent. A NATS outage at start
@@ -216,7 +306,7 @@ impl Application {
             }
         }
         if self.roles.contains(&Role::Relay) {
-            let relay = Relay::new(self.store.clone(), jetstream.clone(), relay_config);
+            let relay = Relay::new(store.clone(), jetstream.clone(), relay_config);
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(error) = relay.run(token).await {
@@ -225,13 +315,8 @@ impl Application {
             }));
         }
         if self.roles.contains(&Role::Projector) {
-            let store: Arc<dyn EventStore> = Arc::new(self.store.clone());
             for projection in all_projections() {
-                let runner = Runner::new(
-                    Database::from(self.pool.clone()),
-                    Arc::clone(&store),
-                    projection,
-                );
+                let runner = Runner::new(self.db.clone(), Arc::clone(&self.store), projection);
                 let fan_out = FanOut {
                     jetstream: jetstream.clone(),
                     stream: self.config.settings.stream.clone(),
@@ -245,22 +330,6 @@ impl Application {
                 }));
             }
         }
-        if self.roles.contains(&Role::Agent) {
-            match self.agent() {
-                Ok(agent) => {
-                    // Disabled keys come back by themselves once Gemini takes them again.
-                    tasks.extend(
-                        agent.spawn_key_reprobe(Duration::from_secs(300), shutdown.clone()),
-                    );
-                    let due: Arc<dyn DueRuns> = Arc::new(PgDueRuns(self.pool.clone()));
-                    tasks.push(tokio::spawn(agent.run(Some(due), shutdown.clone())));
-                }
-                Err(error) => {
-                    tracing::error!(error = %format!("{error:#}"), "the agent cannot start");
-                }
-            }
-        }
-        tasks
     }
 
     /// The agent role: the Gemini client and the process's key pool.
@@ -277,14 +346,24 @@ impl Application {
             tracing::warn!("no Gemini API keys configured: runs will fail saying so");
         }
         let commands = colloquy_commands::Commands::new(
-            Arc::new(self.store.clone()),
+            Arc::clone(&self.store),
             colloquy_commands::cache::CacheConfig::default(),
         );
+        let transport = match &self.backing {
+            Backing::External { nats, .. } => Transport::Nats(nats.clone()),
+            Backing::Embedded { signals } => Transport::Log {
+                signals: signals.clone(),
+                checkpoint: Arc::new(SqlCheckpoint {
+                    db: self.db.clone(),
+                    name: "agent",
+                }),
+            },
+        };
         Ok(Agent::new(
             commands,
             client,
             pool,
-            self.nats.clone(),
+            transport,
             AgentSettings {
                 prefix: settings.subject_prefix.clone(),
                 stream: settings.stream.clone(),
@@ -330,10 +409,12 @@ impl Application {
                 "background roles outlived the shutdown grace period"
             );
         }
-        if let Err(error) = self.nats.drain().await {
+        if let Backing::External { nats, .. } = &self.backing
+            && let Err(error) = nats.drain().await
+        {
             tracing::warn!(error = %error, "NATS drain failed");
         }
-        self.pool.close().await;
+        self.db.close().await;
         Ok(())
     }
 }
@@ -347,7 +428,7 @@ impl Application {
 /// local budgets would show every key as idle and a recheck would change nothing.
 pub(crate) async fn key_pool(
     config: &Config,
-    nats: &async_nats::Client,
+    nats: Option<&async_nats::Client>,
     shared_only: bool,
 ) -> anyhow::Result<Option<Arc<KeyPool>>> {
     let pool_config = config.gemini_pool.clone();
@@ -355,11 +436,26 @@ pub(crate) async fn key_pool(
         return Ok(None);
     }
     let settings = &config.settings;
+    let Some(nats) = nats else {
+        // The embedded mode: one process spends from the keys, so its memory is the
+        // whole truth.
+        let pool = KeyPool::new(
+            pool_config,
+            Arc::new(MemoryBudgetStore::new()),
+            Arc::new(SystemClock),
+        )
+        .context("Failed to set up the Gemini key pool (GEMINI_API_KEYS)")?;
+        return Ok(Some(Arc::new(pool)));
+    };
     let jetstream = async_nats::jetstream::new(nats.clone());
     let bucket = format!("{}_budgets", settings.stream);
     let store: Arc<dyn BudgetStore> = match KvBudgetStore::open(
         &jetstream,
-        KvBudgetConfig::new(bucket, settings.subject_prefix.clone()),
+        KvBudgetConfig {
+            // As many copies as the event stream: losing a node must not stall the agents.
+            replicas: settings.stream_replicas,
+            ..KvBudgetConfig::new(bucket, settings.subject_prefix.clone())
+        },
     )
     .await
     {
@@ -379,51 +475,272 @@ pub(crate) async fn key_pool(
     Ok(Some(Arc::new(pool)))
 }
 
+/// The embedded mode's token-signing secret when none is configured: made once and kept
+/// beside the database (`jwt-secret`, readable by its owner only), so sessions survive a
+/// restart as the data does.
+fn embedded_jwt_secret(database: &Path) -> anyhow::Result<SecretString> {
+    let path = database
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if !secret.trim().is_empty() => {
+            return Ok(SecretString::from(secret.trim().to_owned()));
+        }
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error).with_context(|| format!("Failed to read {}", path.display()));
+        }
+    }
+    let secret: String = {
+        use rand::Rng as _;
+        let bytes: [u8; 32] = rand::rng().random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("Failed to create {}", path.display()))?;
+    std::io::Write::write_all(&mut file, secret.as_bytes())
+        .with_context(|| format!("Failed to write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "made the embedded mode's token-signing secret");
+    Ok(SecretString::from(secret))
+}
+
+/// The file a `sqlite:` URL names, as given (relative paths stay relative).
+fn sqlite_path(url: &str) -> String {
+    <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url).map_or_else(
+        |_| url.to_owned(),
+        |options| options.get_filename().display().to_string(),
+    )
+}
+
+/// The servers of `NATS_URL`: one URL, or several separated by commas (the client
+/// picks one and fails over to the others).
+pub fn nats_servers(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("NATS_URL: {s:?} is not a NATS server address"))
+        })
+        .collect()
+}
+
+/// The database and log for a command-line tool (`replay`, `admin`): Postgres with
+/// `max_connections` (migrated, so a fresh database works), or the embedded file. No
+/// NATS: the tools read and write the log and the read models directly.
+pub async fn open_database(
+    config: &Config,
+    max_connections: u32,
+) -> anyhow::Result<(Database, Arc<dyn EventStore>)> {
+    match &config.storage {
+        Storage::Postgres { url, .. } => {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url.expose_secret())
+                .await
+                .context("Failed to connect to Postgres (DATABASE_URL)")?;
+            colloquy_eventstore::postgres::migrate(&pool)
+                .await
+                .context("Failed to apply migrations")?;
+            let store = PgEventStore::with_pool(pool.clone(), PgOptions::default());
+            Ok((Database::Postgres(pool), Arc::new(store)))
+        }
+        Storage::Embedded { sqlite_url } => {
+            let pool = colloquy_eventstore::sqlite::open_url(sqlite_url)
+                .await
+                .with_context(|| format!("Failed to open the embedded database ({sqlite_url})"))?;
+            let store = SqliteEventStore::new(pool.clone());
+            Ok((Database::Sqlite(pool), Arc::new(store)))
+        }
+    }
+}
+
+/// The token-signing secret the gateways of this configuration verify with:
+/// `COLLOQUY_JWT_SECRET`, or the embedded mode's own (made by the first `serve`).
+pub fn jwt_secret(config: &Config) -> anyhow::Result<Option<SecretString>> {
+    match (&config.settings.jwt_secret, &config.storage) {
+        (Some(secret), _) => Ok(Some(secret.clone())),
+        (None, Storage::Embedded { sqlite_url })
+            if config.settings.jwt_private_key_file.is_none() =>
+        {
+            Ok(Some(embedded_jwt_secret(Path::new(&sqlite_path(
+                sqlite_url,
+            )))?))
+        }
+        (None, _) => Ok(None),
+    }
+}
+
+/// Opens the configured storage: Postgres (migrated) and NATS, or the SQLite file.
+async fn open_storage(
+    storage: &Storage,
+) -> anyhow::Result<(Database, Arc<dyn EventStore>, Backing)> {
+    match storage {
+        Storage::Postgres { url, nats_url } => {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url.expose_secret())
+                .await
+                .context("Failed to connect to Postgres (DATABASE_URL)")?;
+            colloquy_eventstore::postgres::migrate(&pool)
+                .await
+                .context("Failed to apply database migrations")?;
+            let store = PgEventStore::with_pool(pool.clone(), PgOptions::default());
+            let nats = async_nats::ConnectOptions::new()
+                .name("colloquy")
+                .retry_on_initial_connect()
+                .connect(nats_servers(nats_url)?)
+                .await
+                .context("Failed to configure the NATS connection (NATS_URL)")?;
+            Ok((
+                Database::Postgres(pool),
+                Arc::new(store.clone()),
+                Backing::External { store, nats },
+            ))
+        }
+        Storage::Embedded { sqlite_url } => {
+            let pool = colloquy_eventstore::sqlite::open_url(sqlite_url)
+                .await
+                .with_context(|| format!("Failed to open the embedded database ({sqlite_url})"))?;
+            let store = SqliteEventStore::new(pool.clone());
+            Ok((
+                Database::Sqlite(pool),
+                Arc::new(store),
+                Backing::Embedded {
+                    signals: LocalSignals::default(),
+                },
+            ))
+        }
+    }
+}
+
 /// The runs the agent's sweep looks at, from the runs read model.
 #[derive(Debug)]
-pub struct PgDueRuns(pub PgPool);
+pub struct RunsDue(pub Database);
 
 #[async_trait]
-impl DueRuns for PgDueRuns {
+impl DueRuns for RunsDue {
     async fn due(
         &self,
         lost_after: Duration,
         stale_after: Duration,
-    ) -> Result<Vec<RunId>, Box<dyn std::error::Error + Send + Sync>> {
-        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT id FROM rm_runs.runs
-             WHERE (status = 'retrying' AND not_before <= now())
-                OR (status = 'queued' AND created_at < now() - make_interval(secs => $1))
-                OR (status = 'running' AND started_at < now() - make_interval(secs => $2))
+    ) -> Result<Vec<RunId>, BoxError> {
+        let now = chrono::Utc::now();
+        let lost = now - chrono::Duration::from_std(lost_after)?;
+        let stale = now - chrono::Duration::from_std(stale_after)?;
+        // The same question of both backends: retries due, requests never started,
+        // attempts gone silent.
+        const DUE: &str = "WHERE (status = 'retrying' AND not_before <= $1)
+                OR (status = 'queued' AND created_at < $2)
+                OR (status = 'running' AND started_at < $3)
              ORDER BY not_before NULLS FIRST
-             LIMIT 100",
-        )
-        .bind(lost_after.as_secs_f64())
-        .bind(stale_after.as_secs_f64())
-        .fetch_all(&self.0)
-        .await?;
+             LIMIT 100";
+        let ids: Vec<uuid::Uuid> = match &self.0 {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM rm_runs.runs {DUE}"
+                )))
+                .bind(now)
+                .bind(lost)
+                .bind(stale)
+                .fetch_all(pool)
+                .await?
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM rm_runs_runs {DUE}"
+                )))
+                .bind(now)
+                .bind(lost)
+                .bind(stale)
+                .fetch_all(pool)
+                .await?
+            }
+        };
         Ok(ids.into_iter().map(RunId::from_uuid).collect())
     }
 }
 
+/// A named position in the log, kept in the database (the embedded agent's place).
 #[derive(Debug)]
-struct PostgresProbe(PgPool);
+struct SqlCheckpoint {
+    db: Database,
+    name: &'static str,
+}
 
 #[async_trait]
-impl Probe for PostgresProbe {
+impl Checkpoint for SqlCheckpoint {
+    async fn load(&self) -> Result<GlobalPosition, BoxError> {
+        let position: Option<i64> = match &self.db {
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT position FROM colloquy_checkpoints WHERE name = $1")
+                    .bind(self.name)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Database::Postgres(_) => {
+                return Err("the agent tails the log only in the embedded mode".into());
+            }
+        };
+        Ok(position.unwrap_or(0))
+    }
+
+    async fn save(&self, position: GlobalPosition) -> Result<(), BoxError> {
+        match &self.db {
+            Database::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO colloquy_checkpoints (name, position) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET position = max(position, excluded.position)",
+                )
+                .bind(self.name)
+                .bind(position)
+                .execute(pool)
+                .await?;
+                Ok(())
+            }
+            Database::Postgres(_) => {
+                Err("the agent tails the log only in the embedded mode".into())
+            }
+        }
+    }
+}
+
+/// Readiness of the database: one trivial query.
+#[derive(Debug)]
+struct DatabaseProbe(Database);
+
+#[async_trait]
+impl Probe for DatabaseProbe {
     fn name(&self) -> &'static str {
-        "postgres"
+        self.0.backend().as_str()
     }
 
     async fn check(&self) -> ProbeResult {
-        sqlx::query_scalar::<_, i32>("SELECT 1")
-            .fetch_one(&self.0)
-            .await
-            .map(|_| json!({}))
-            .map_err(|e| {
-                tracing::warn!(error = %e, "readiness: Postgres check failed");
-                "cannot query Postgres".to_owned()
-            })
+        let result = match &self.0 {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar::<_, i32>("SELECT 1")
+                    .fetch_one(pool)
+                    .await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar::<_, i32>("SELECT 1")
+                    .fetch_one(pool)
+                    .await
+            }
+        };
+        result.map(|_| json!({})).map_err(|e| {
+            tracing::warn!(error = %e, backend = %self.0.backend(), "readiness: database check failed");
+            format!("cannot query {}", self.0.backend())
+        })
     }
 }
 
@@ -450,7 +767,7 @@ impl Probe for NatsProbe {
 /// Ready while every projection's oldest unapplied event is younger than the budget.
 #[derive(Debug)]
 struct ProjectionsProbe {
-    pool: PgPool,
+    db: Database,
     budget: Duration,
 }
 
@@ -463,7 +780,7 @@ impl Probe for ProjectionsProbe {
     async fn check(&self) -> ProbeResult {
         let mut detail = serde_json::Map::new();
         let mut late = Vec::new();
-        let lags = colloquy_projections::runner::lags(&Database::from(self.pool.clone()))
+        let lags = colloquy_projections::runner::lags(&self.db)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "readiness: projection lag check failed");
@@ -487,5 +804,28 @@ impl Probe for ProjectionsProbe {
                 late.join(", ")
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_url_takes_one_server_or_a_list() {
+        assert_eq!(nats_servers("nats://127.0.0.1:4222").unwrap().len(), 1);
+        let servers = nats_servers("nats://a:4222, nats://b:4223,nats://c:4224").unwrap();
+        assert_eq!(servers.len(), 3);
+        assert_eq!(servers[1].port(), 4223);
+        let error = nats_servers("nats://a:4222,nats://b:x").unwrap_err();
+        assert!(format!("{error:#}").contains("nats://b:x"), "{error:#}");
+    }
+
+    #[test]
+    fn the_sqlite_path_is_the_urls_file() {
+        assert_eq!(
+            sqlite_path("sqlite://./data/colloquy.sqlite?mode=rwc"),
+            "./data/colloquy.sqlite"
+        );
     }
 }

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Mode;
 use crate::config::{Config, Settings, Storage};
 use crate::{Application, shutdown, telemetry};
 
@@ -151,17 +152,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let config = load(&cli)?;
             let _telemetry = telemetry::init(config.settings.rust_log.as_deref(), None)?;
-            let Storage::Postgres { url, .. } = &config.storage else {
-                anyhow::bail!(
-                    "migrate needs DATABASE_URL=postgres://… (the embedded mode migrates itself)"
-                );
-            };
-            let pool = sqlx::PgPool::connect(secrecy::ExposeSecret::expose_secret(url))
-                .await
-                .context("Failed to connect to Postgres (DATABASE_URL)")?;
-            colloquy_eventstore::postgres::migrate(&pool)
-                .await
-                .context("Failed to apply migrations")?;
+            match &config.storage {
+                Storage::Postgres { url, .. } => {
+                    let pool = sqlx::PgPool::connect(secrecy::ExposeSecret::expose_secret(url))
+                        .await
+                        .context("Failed to connect to Postgres (DATABASE_URL)")?;
+                    colloquy_eventstore::postgres::migrate(&pool)
+                        .await
+                        .context("Failed to apply migrations")?;
+                }
+                Storage::Embedded { sqlite_url } => {
+                    // Opening the file applies its migrations.
+                    colloquy_eventstore::sqlite::open_url(sqlite_url)
+                        .await
+                        .with_context(|| format!("Failed to open {sqlite_url}"))?
+                        .close()
+                        .await;
+                }
+            }
             println!("migrations applied");
             Ok(())
         }
@@ -212,12 +220,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 ""
             };
-            println!("colloquy serving (external mode: Postgres + NATS) on http://{addr}{gemini}");
+            println!("{}", serving_line(&app.mode(), addr, gemini));
             let token = CancellationToken::new();
             shutdown::on_signal(token.clone());
             app.run_until_stopped(token).await
         }
     }
+}
+
+/// The first line `serve` prints: the mode, where the data is, the URL and the docs.
+fn serving_line(mode: &Mode, addr: std::net::SocketAddr, gemini: &str) -> String {
+    let place = match mode {
+        Mode::External => "external mode: Postgres + NATS".to_owned(),
+        Mode::Embedded { path } => format!("embedded mode: SQLite at {path}, no broker"),
+    };
+    format!("colloquy serving ({place}) on http://{addr} (API docs: http://{addr}/docs){gemini}")
 }
 
 /// `colloquy dev fake-gemini`: serves the Gemini double until a signal.

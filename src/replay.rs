@@ -6,34 +6,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use colloquy_eventstore::{Database, EventStore, PgEventStore, PgOptions};
 use colloquy_projections::{Projection, all_projections, by_name, replay};
 use indicatif::{ProgressBar, ProgressStyle};
-use secrecy::ExposeSecret;
 
 use crate::cli::ReplayArgs;
-use crate::config::{Config, Storage};
+use crate::config::Config;
 
 /// Runs `colloquy replay`.
 pub async fn run(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
-    let Storage::Postgres { url, .. } = &config.storage else {
-        anyhow::bail!(
-            "replay needs DATABASE_URL=postgres://… (the embedded mode is not built yet)"
-        );
-    };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        // A verify holds its scratch lock, its comparison transaction, a batch and a
-        // read at once.
-        .max_connections(5)
-        .connect(url.expose_secret())
-        .await
-        .context("Failed to connect to Postgres (DATABASE_URL)")?;
-    colloquy_eventstore::postgres::migrate(&pool)
-        .await
-        .context("Failed to apply migrations")?;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::with_pool(pool.clone(), PgOptions::default()));
-    let db = Database::from(pool);
+    // A verify holds its scratch lock, its comparison transaction, a batch and a read at
+    // once.
+    let (db, store) = crate::app::open_database(config, 5).await?;
     let projections: Vec<Arc<dyn Projection>> = if args.all {
         all_projections()
     } else {

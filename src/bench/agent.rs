@@ -65,7 +65,7 @@ use uuid::Uuid;
 use super::http::{BenchApp, create_conversations, database_url_for, http_client, nats_url};
 use super::report::{self, Latency, Machine, Row, Target};
 use super::scratch::ScratchDb;
-use crate::app::{PgDueRuns, Role};
+use crate::app::{Role, RunsDue};
 use crate::config::Settings;
 
 /// An agent scenario.
@@ -388,7 +388,7 @@ impl Bench<'_> {
                     ..AgentSettings::default()
                 },
             );
-            let due: Arc<dyn DueRuns> = Arc::new(PgDueRuns(pool));
+            let due: Arc<dyn DueRuns> = Arc::new(RunsDue(pool.into()));
             tasks.push(tokio::spawn(agent.run(Some(due), shutdown.clone())));
         }
         // Wait for the shared consumer, so that the first runs do not pay for it.
