@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use colloquy::app::PgDueRuns;
+use colloquy::app::RunsDue;
 use colloquy_domain::RunId;
 use colloquy_gemini_agent::backoff::{Backoff, RetrySchedule};
 use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault, FaultTarget, RandomFaults};
@@ -553,7 +553,10 @@ async fn a_dead_letter_is_listed_retried_and_then_completed_by_the_agent() {
 
     // Gemini is back: the sweep finds the run and the agent answers it.
     fake.set_random_faults(None);
-    let swept = agent.sweep(&PgDueRuns(app.db.pool().await)).await.unwrap();
+    let swept = agent
+        .sweep(&RunsDue(app.db.database().await))
+        .await
+        .unwrap();
     assert!(swept.contains(&(newer, Handled::Completed)), "{swept:?}");
     let status = run_status(&app, &user, newer).await;
     assert_eq!(status["status"], "succeeded", "{status}");

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use colloquy::app::PgDueRuns;
+use colloquy::app::RunsDue;
 use colloquy_domain::RunId;
 use colloquy_gemini_agent::backoff::{Backoff, RetrySchedule};
 use colloquy_gemini_agent::fake::RandomFaults;
@@ -337,12 +337,15 @@ async fn the_sweep_recovers_a_request_that_never_started() {
         },
     )
     .await;
-    let swept = agent.sweep(&PgDueRuns(app.db.pool().await)).await.unwrap();
+    let swept = agent
+        .sweep(&RunsDue(app.db.database().await))
+        .await
+        .unwrap();
     assert_eq!(swept, [(run, Handled::Completed)]);
     assert_eq!(run_status(&app, &user, run).await["status"], "succeeded");
     assert!(
         agent
-            .sweep(&PgDueRuns(app.db.pool().await))
+            .sweep(&RunsDue(app.db.database().await))
             .await
             .unwrap()
             .is_empty()

@@ -2,10 +2,12 @@
 //! refresh-token rotation and reuse detection, logout, validation and the error
 //! format (problem+json), and the per-address rate limit of the auth routes.
 
+use colloquy_eventstore::Database;
 use colloquy_gateway::auth::tokens::{AccessClaims, JwtKeys, unix_now};
 use reqwest::{Response, StatusCode};
 use secrecy::SecretString;
 use serde_json::{Value, json};
+use sqlx::AssertSqlSafe;
 
 use crate::helpers::{TestApp, spawn_app_with};
 
@@ -244,11 +246,21 @@ async fn bad_credentials_get_the_same_401_whatever_is_wrong() {
     let app = spawn().await;
     let user_id = register(&app, "ada@example.com").await;
     register(&app, "bob@example.com").await;
-    let pool = app.db.pool().await;
-    sqlx::query("UPDATE colloquy.users SET disabled = true WHERE email = 'bob@example.com'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let disable = "SET disabled = true WHERE email = 'bob@example.com'";
+    match app.db.database().await {
+        Database::Postgres(pool) => {
+            sqlx::query(AssertSqlSafe(format!("UPDATE colloquy.users {disable}")))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(AssertSqlSafe(format!("UPDATE colloquy_users {disable}")))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
 
     let mut bodies = Vec::new();
     for (email, password) in [

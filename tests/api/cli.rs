@@ -330,7 +330,7 @@ fn admin(app: &crate::helpers::TestApp) -> Command {
     let mut command = colloquy();
     command
         .arg("admin")
-        .env("DATABASE_URL", &app.db.url)
+        .env("DATABASE_URL", app.db.url())
         .env("NATS_URL", colloquy_testkit::nats_url())
         .env("COLLOQUY_SUBJECT_PREFIX", &app.prefix)
         .env("COLLOQUY_STREAM", app.prefix.to_uppercase())

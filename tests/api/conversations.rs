@@ -89,12 +89,14 @@ async fn assert_problem(response: Response, status: StatusCode, code: &str) -> V
     body
 }
 
+/// How many events the log holds (positions are dense: nothing is ever deleted).
 async fn log_length(app: &TestApp) -> i64 {
-    let pool = app.db.pool().await;
-    sqlx::query_scalar("SELECT count(*) FROM message_store.messages")
-        .fetch_one(&pool)
+    let events = app
+        .store
+        .read_log(&colloquy_eventstore::LogFilter::All, 0, 1_000_000)
         .await
-        .unwrap()
+        .unwrap();
+    i64::try_from(events.len()).unwrap()
 }
 
 #[tokio::test]

@@ -16,9 +16,17 @@ async fn readyz_reports_each_dependency() {
     let app = spawn_app().await;
     let body = app.wait_until_ready().await;
     assert_eq!(body["status"], "ready");
-    assert_eq!(body["checks"]["postgres"]["status"], "up");
-    assert_eq!(body["checks"]["nats"]["status"], "up");
-    assert_eq!(body["checks"]["nats"]["jetstream"], true);
+    assert_eq!(body["checks"]["projections"]["status"], "up", "{body}");
+    if crate::helpers::embedded() {
+        // One file, no broker.
+        assert_eq!(body["checks"]["sqlite"]["status"], "up", "{body}");
+        assert!(body["checks"].get("postgres").is_none(), "{body}");
+        assert!(body["checks"].get("nats").is_none(), "{body}");
+    } else {
+        assert_eq!(body["checks"]["postgres"]["status"], "up");
+        assert_eq!(body["checks"]["nats"]["status"], "up");
+        assert_eq!(body["checks"]["nats"]["jetstream"], true);
+    }
 }
 
 #[tokio::test]

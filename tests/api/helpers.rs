@@ -1,5 +1,11 @@
 //! `spawn_app()`: the real application on `127.0.0.1:0`, with typed helpers; and
 //! agents of a test's own against the fake Gemini (`agent_for`).
+//!
+//! The suite runs against either backend: Postgres + NATS by default, or the embedded
+//! mode (one SQLite file, no broker) with `COLLOQUY_TEST_BACKEND=sqlite`. Tests of
+//! what only the external mode has (the relay, JetStream, Message DB's SQL functions)
+//! call `app.db.pool()`, which is Postgres-only; `scripts/test` leaves them out of the
+//! embedded run.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +15,13 @@ use colloquy::{Application, telemetry};
 use colloquy_commands::Commands;
 use colloquy_commands::cache::CacheConfig;
 use colloquy_domain::RunId;
-use colloquy_eventstore::{PgEventStore, PgOptions};
+use colloquy_eventstore::{Database, EventStore};
 use colloquy_gemini_agent::budget::MemoryBudgetStore;
 use colloquy_gemini_agent::clock::SystemClock;
 use colloquy_gemini_agent::fake::FakeGemini;
 use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig};
 use colloquy_gemini_agent::keys::{KeyPool, PoolConfig, PoolKey};
-use colloquy_gemini_agent::worker::{Agent, AgentSettings};
+use colloquy_gemini_agent::worker::{Agent, AgentSettings, BoxError, Checkpoint, Transport};
 use colloquy_testkit::{TestDatabase, nats_url, unique_prefix};
 use secrecy::SecretString;
 use serde_json::Value;
@@ -30,7 +36,13 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// Kept alive for the test's duration (dropping it drops the database).
     #[allow(dead_code, reason = "held for its Drop; not every test reads it")]
-    pub db: TestDatabase,
+    pub db: TestDb,
+    /// The application's own event store (appends through it wake the app at once).
+    #[allow(dead_code, reason = "not every test reads it")]
+    pub store: Arc<dyn EventStore>,
+    /// The embedded mode's in-memory run signals (`None` with NATS).
+    #[allow(dead_code, reason = "not every test reads it")]
+    pub signals: Option<colloquy_commands::live::LocalSignals>,
     /// This test's NATS subject prefix and (upper-cased) stream name.
     #[allow(dead_code, reason = "not every test reads it")]
     pub prefix: String,
@@ -82,10 +94,80 @@ impl Drop for TestApp {
     }
 }
 
+/// Whether this run of the suite is against the embedded mode.
+pub fn embedded() -> bool {
+    std::env::var("COLLOQUY_TEST_BACKEND").is_ok_and(|b| b == "sqlite")
+}
+
+/// A test's own database: a Postgres database, or a SQLite file in a directory of its
+/// own (removed when dropped).
+#[derive(Debug)]
+pub enum TestDb {
+    Postgres(TestDatabase),
+    Sqlite(SqliteDir),
+}
+
+/// A temporary directory holding a test's SQLite file.
+#[derive(Debug)]
+pub struct SqliteDir(pub std::path::PathBuf);
+
+impl Drop for SqliteDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl TestDb {
+    async fn new() -> Self {
+        if embedded() {
+            let dir = std::env::temp_dir()
+                .join(format!("colloquy-test-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self::Sqlite(SqliteDir(dir))
+        } else {
+            Self::Postgres(TestDatabase::new().await)
+        }
+    }
+
+    /// The `DATABASE_URL` the application gets.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Postgres(db) => db.url.clone(),
+            Self::Sqlite(dir) => format!(
+                "sqlite://{}?mode=rwc",
+                dir.0.join("colloquy.sqlite").display()
+            ),
+        }
+    }
+
+    /// A Postgres pool on the test's database: for tests of what only the external
+    /// mode has.
+    pub async fn pool(&self) -> sqlx::PgPool {
+        match self {
+            Self::Postgres(db) => db.pool().await,
+            Self::Sqlite(_) => {
+                panic!("this test needs Postgres (run it without COLLOQUY_TEST_BACKEND=sqlite)")
+            }
+        }
+    }
+
+    /// A pool on the test's database, either backend.
+    pub async fn database(&self) -> Database {
+        match self {
+            Self::Postgres(db) => Database::Postgres(db.pool().await),
+            Self::Sqlite(_) => Database::Sqlite(
+                colloquy_eventstore::sqlite::open_url(&self.url())
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
 /// Settings for a test: its own database, NATS subject prefix and stream.
-pub fn test_settings(db: &TestDatabase, prefix: &str) -> Settings {
+pub fn test_settings(db: &TestDb, prefix: &str) -> Settings {
     Settings {
-        database_url: Some(SecretString::from(db.url.clone())),
+        database_url: Some(SecretString::from(db.url())),
         nats_url: Some(nats_url()),
         subject_prefix: prefix.to_owned(),
         stream: prefix.to_uppercase(),
@@ -116,7 +198,7 @@ async fn spawn(
 ) -> TestApp {
     telemetry::init_for_tests();
     colloquy::install_crypto_provider();
-    let db = TestDatabase::new().await;
+    let db = TestDb::new().await;
     let prefix = unique_prefix();
     let mut settings = test_settings(&db, &prefix);
     tweak(&mut settings);
@@ -126,12 +208,16 @@ async fn spawn(
         .await
         .expect("the application builds");
     let addr = app.local_addr();
+    let store = app.store();
+    let signals = app.local_signals();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
         addr,
         client: reqwest::Client::new(),
         db,
+        store,
+        signals,
         prefix,
         shutdown,
         server: Some(server),
@@ -173,11 +259,23 @@ impl TestApp {
     #[allow(dead_code, reason = "not every test module uses it")]
     pub async fn register_admin(&self) -> TestUser {
         let user = self.register_and_login().await;
-        sqlx::query("UPDATE colloquy.users SET is_admin = true WHERE id = $1")
-            .bind(uuid::Uuid::parse_str(&user.id).unwrap())
-            .execute(&self.db.pool().await)
-            .await
-            .unwrap();
+        let id = uuid::Uuid::parse_str(&user.id).unwrap();
+        match self.db.database().await {
+            Database::Postgres(pool) => {
+                sqlx::query("UPDATE colloquy.users SET is_admin = true WHERE id = $1")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query("UPDATE colloquy_users SET is_admin = true WHERE id = $1")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
         self.login(&user.id, &user.email).await
     }
 
@@ -380,7 +478,17 @@ impl SseReader {
 /// An agent of the test's own, beside the application's (or instead of it), with the
 /// fake's key `fake-key-1@proj-a` and `settings` (prefix and stream are the app's).
 pub async fn agent_for(app: &TestApp, fake: &FakeGemini, settings: AgentSettings) -> Agent {
-    let store = PgEventStore::with_pool(app.db.pool().await, PgOptions::default());
+    let transport = match &app.signals {
+        Some(signals) => Transport::Log {
+            signals: signals.clone(),
+            checkpoint: Arc::new(NoCheckpoint),
+        },
+        None => Transport::Nats(
+            async_nats::connect(colloquy_testkit::nats_url())
+                .await
+                .unwrap(),
+        ),
+    };
     let pool = KeyPool::new(
         PoolConfig::new(vec![PoolKey::new("main", "fake-key-1", "proj-a")]),
         Arc::new(MemoryBudgetStore::new()),
@@ -388,22 +496,36 @@ pub async fn agent_for(app: &TestApp, fake: &FakeGemini, settings: AgentSettings
     )
     .unwrap();
     Agent::new(
-        Commands::new(Arc::new(store), CacheConfig::default()),
+        Commands::new(Arc::clone(&app.store), CacheConfig::default()),
         GeminiClient::new(GeminiConfig {
             base_url: fake.base_url(),
             ..GeminiConfig::default()
         })
         .unwrap(),
         Some(Arc::new(pool)),
-        async_nats::connect(colloquy_testkit::nats_url())
-            .await
-            .unwrap(),
+        transport,
         AgentSettings {
             prefix: app.prefix.clone(),
             stream: app.prefix.to_uppercase(),
             ..settings
         },
     )
+}
+
+/// A test agent's place in the log: it is driven through `handle` and `sweep`, never
+/// by tailing the log.
+#[derive(Debug)]
+struct NoCheckpoint;
+
+#[async_trait::async_trait]
+impl Checkpoint for NoCheckpoint {
+    async fn load(&self) -> Result<i64, BoxError> {
+        Ok(0)
+    }
+
+    async fn save(&self, _: i64) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// The application without its agent: runs stay queued until a test's agent acts.
@@ -442,12 +564,7 @@ pub async fn queued_run(app: &TestApp, user: &TestUser) -> RunId {
 /// log's head.
 pub async fn run_status(app: &TestApp, user: &TestUser, run: RunId) -> Value {
     // The run's last event position, read from the log, is what the read model must reach.
-    let position = colloquy_eventstore::EventStore::head(&PgEventStore::with_pool(
-        app.db.pool().await,
-        PgOptions::default(),
-    ))
-    .await
-    .unwrap();
+    let position = app.store.head().await.unwrap();
     app.request(
         reqwest::Method::GET,
         &format!("/v1/runs/{}", run.as_uuid()),

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use colloquy::Role;
-use colloquy_commands::live::{RunSignal, run_subject};
+use colloquy_commands::live::{RunSignal, RunSignals};
 use reqwest::{Method, StatusCode};
 
 use crate::helpers::{SseReader, TestApp, spawn_app, spawn_app_with, spawn_app_with_roles};
@@ -166,11 +166,16 @@ async fn a_run_stream_replays_the_run_relays_tokens_and_ends_with_the_outcome() 
     // Subscribed after the request, yet the request is there.
     let requested = events.next_of("RunRequested").await;
     assert_eq!(requested.json()["runId"], run_id.as_str());
-    // Token deltas ride core NATS and carry no id.
-    let nats = async_nats::connect(colloquy_testkit::nats_url())
-        .await
-        .unwrap();
-    let subject = run_subject(&app.prefix, run_id.parse().unwrap());
+    // Token deltas ride core NATS (in memory in the embedded mode) and carry no id.
+    let signals = match &app.signals {
+        Some(local) => RunSignals::Local(local.clone()),
+        None => RunSignals::Nats {
+            client: async_nats::connect(colloquy_testkit::nats_url())
+                .await
+                .unwrap(),
+            prefix: app.prefix.clone(),
+        },
+    };
     for signal in [
         RunSignal::Token {
             attempt: 1,
@@ -178,11 +183,11 @@ async fn a_run_stream_replays_the_run_relays_tokens_and_ends_with_the_outcome() 
         },
         RunSignal::Reset { attempt: 2 },
     ] {
-        nats.publish(subject.clone(), serde_json::to_vec(&signal).unwrap().into())
-            .await
-            .unwrap();
+        signals.publish(run_id.parse().unwrap(), &signal).await;
     }
-    nats.flush().await.unwrap();
+    if let RunSignals::Nats { client, .. } = &signals {
+        client.flush().await.unwrap();
+    }
     let token = events.next_of("token").await;
     assert_eq!(token.id, None);
     assert_eq!(

@@ -16,3 +16,4 @@ mod health;
 mod helpers;
 mod live;
 mod message_db;
+mod readme;
