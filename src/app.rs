@@ -262,8 +262,15 @@ impl Application {
                             Runner::new(self.db.clone(), Arc::clone(&self.store), projection);
                         let token = shutdown.clone();
                         tasks.push(tokio::spawn(async move {
-                            if let Err(error) = runner.follow_log(token).await {
-                                tracing::error!(projection = runner.projection().name(), error = %error, "the projector stopped");
+                            // A failed batch (the file busy past its timeout during a
+                            // rebuild's swap, say) wrote nothing: start again from the
+                            // checkpoint.
+                            while let Err(error) = runner.follow_log(token.clone()).await {
+                                tracing::warn!(projection = runner.projection().name(), error = %format!("{error:#}"), "the projector failed; resuming from its checkpoint");
+                                tokio::select! {
+                                    () = token.cancelled() => return,
+                                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                }
                             }
                         }));
                     }
