@@ -13,10 +13,8 @@ flight: the other agent takes them over once the consumer redelivers them (30 s)
 - every requested run ended exactly once, with one assistant reply at most;
 - the read models equal a replay of the log (`colloquy replay --all --verify`).
 
-The event stream has 3 replicas (COLLOQUY_STREAM_REPLICAS=3), and the node killed is the
-stream's leader when it can be. The agent's budget buckets are created with one replica
-(deploy/README.md, "Known limits"), so the node killed is one that holds neither of them:
-losing that one would stall the agents until it came back.
+The event stream and the agent's budget buckets have 3 replicas
+(COLLOQUY_STREAM_REPLICAS=3), and the node killed is the stream's leader.
 
 Needs (scripts/test sets them): COLLOQUY_TEST_BIN (the colloquy binary),
 COLLOQUY_TEST_NATS_BIN (nats-server 2.10 or later), COLLOQUY_TEST_PG_ADMIN_URL.
@@ -367,21 +365,19 @@ def run_scenario(cluster: Cluster, nodes: list[dict], env: dict, stream: str):
                  timeout=90)
     gateways = [f"http://127.0.0.1:{cluster.ports['gateway-1']}", f"http://127.0.0.1:{cluster.ports['gateway-2']}"]
 
-    # The node to kill: one holding neither budget bucket (they have one replica), the
-    # event stream's leader if that is one of them.
+    # The node to kill: the event stream's leader. The budget buckets have as many
+    # replicas as the stream (COLLOQUY_STREAM_REPLICAS), so losing any one node leaves
+    # both the stream and the budgets available.
     buckets = (f"KV_{stream}_budgets", f"KV_{stream}_budgets_health")
 
     def placed():
         placement = {n["name"]: streams_on(n) for n in nodes}
-        on_every_node = all(stream in held for held in placement.values())
-        buckets_made = all(any(b in held for held in placement.values()) for b in buckets)
-        return placement if on_every_node and buckets_made else None
+        everywhere = all(stream in held and all(b in held for b in buckets) for held in placement.values())
+        return placement if everywhere else None
 
-    placement = wait_for("the event stream and the budget buckets on the cluster", placed, timeout=60)
+    placement = wait_for("the event stream and the budget buckets on every node", placed, timeout=60)
     leader = next(s[stream]["cluster"].get("leader") for s in placement.values() if stream in s)
-    candidates = [n for n in nodes if not any(b in placement[n["name"]] for b in buckets)]
-    assert candidates, f"every node holds a budget bucket: {placement}"
-    victim = next((n for n in candidates if n["name"] == leader), candidates[0])
+    victim = next((n for n in nodes if n["name"] == leader), nodes[0])
 
     # Users, registered and logged in through different gateways.
     tokens = []
