@@ -464,7 +464,13 @@ async fn an_agent_killed_mid_call_leaves_a_run_that_completes_once() {
     let conversation = status["conversation_id"].as_str().unwrap().to_owned();
     // The run's last event is the messages read model's mark too (it may trail the runs
     // one by a batch).
-    let messages = messages_at(&app, &user, &conversation, status["position"].as_i64().unwrap()).await;
+    let messages = messages_at(
+        &app,
+        &user,
+        &conversation,
+        status["position"].as_i64().unwrap(),
+    )
+    .await;
     let replies = messages
         .iter()
         .filter(|m| m["author"] == "assistant")
