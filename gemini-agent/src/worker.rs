@@ -711,6 +711,12 @@ impl Agent {
                 return Err(error.into());
             }
         }
+        // The milestones, in order: `loading_context` (the attempt prepares its call: the
+        // conversation was read and fitted before the lease, which needs its token
+        // estimate), `waiting_for_model`, `streaming` (from the first token, then at most
+        // once a second), `saving`.
+        self.progress(run_id, attempt, "loading_context", 5, ctx)
+            .await;
         self.progress(run_id, attempt, "waiting_for_model", 10, ctx)
             .await;
         let mut retries = settings.backoff.start();
@@ -814,7 +820,8 @@ impl Agent {
             };
             let mut text = String::new();
             let mut usage = None;
-            let mut last_progress = Instant::now();
+            // `None` until the first token, which is recorded at once.
+            let mut last_progress: Option<Instant> = None;
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(StreamEvent::Text(delta)) => {
@@ -828,8 +835,8 @@ impl Agent {
                             },
                         )
                         .await;
-                        if last_progress.elapsed() >= Duration::from_secs(1) {
-                            last_progress = Instant::now();
+                        if last_progress.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            last_progress = Some(Instant::now());
                             // 20 → 90 as the reply grows (a guess: replies of ~2,000
                             // characters are typical).
                             let percent = 20 + (text.len().min(2_000) * 70 / 2_000) as u8;

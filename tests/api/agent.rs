@@ -122,11 +122,37 @@ async fn the_chat_loop_streams_tokens_and_records_the_reply_with_history() {
         streamed, "echo: hello there",
         "the tokens add up to the reply"
     );
+    // RunStarted, then the milestones in order, the percent never going back.
+    let started = before
+        .iter()
+        .position(|e| e.event.as_deref() == Some("RunStarted"))
+        .unwrap_or_else(|| panic!("no RunStarted: {before:?}"));
+    let milestones: Vec<(String, u64)> = before[started..]
+        .iter()
+        .filter(|e| e.event.as_deref() == Some("RunProgressed"))
+        .map(|e| {
+            let data = e.json();
+            (
+                data["stage"].as_str().unwrap().to_owned(),
+                data["percent"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut stages: Vec<&str> = milestones.iter().map(|(s, _)| s.as_str()).collect();
+    stages.dedup();
+    assert_eq!(
+        stages,
+        [
+            "loading_context",
+            "waiting_for_model",
+            "streaming",
+            "saving"
+        ],
+        "{milestones:?}"
+    );
     assert!(
-        before
-            .iter()
-            .any(|e| e.event.as_deref() == Some("RunStarted")),
-        "{before:?}"
+        milestones.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{milestones:?}"
     );
     // The key went in the header, never the URL.
     let request = fake.requests().pop().unwrap();
