@@ -9,13 +9,13 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
 use colloquy_commands::live::LocalSignals;
-use colloquy_commands::relay::{Relay, RelayConfig, ensure_stream};
+use colloquy_commands::relay::{Relay, RelayConfig, RelayStats, ensure_stream};
 use colloquy_domain::RunId;
 use colloquy_eventstore::{
     Database, EventStore, GlobalPosition, PgEventStore, PgOptions, SqliteEventStore,
@@ -74,6 +74,8 @@ pub struct Application {
     live: LiveHub,
     /// The Gemini key pool, shared by the agent role and the gateway's admin view.
     keys: Option<Arc<KeyPool>>,
+    /// The relay's counters once it starts, for `/metrics`.
+    relay_stats: Arc<OnceLock<Arc<RelayStats>>>,
 }
 
 /// What the log is fanned out with.
@@ -175,6 +177,15 @@ impl Application {
         } else {
             None
         };
+        let relay_stats = Arc::new(OnceLock::new());
+        let metrics = crate::metrics::Scraper::new(
+            roles.clone(),
+            db.clone(),
+            Arc::clone(&store),
+            live.clone(),
+            keys.clone(),
+            Arc::clone(&relay_stats),
+        );
         let router = colloquy_gateway::router_with(
             GatewayState {
                 probes: Arc::new(probes),
@@ -184,6 +195,7 @@ impl Application {
                 live: live.clone(),
                 keys: keys.clone(),
                 rebuilds: colloquy_gateway::admin::Rebuilds::default(),
+                metrics: Arc::new(metrics),
             },
             &Edges {
                 cors_origins: config.cors_origins.clone(),
@@ -201,6 +213,7 @@ impl Application {
             backing,
             live,
             keys,
+            relay_stats,
         })
     }
 
@@ -314,6 +327,7 @@ impl Application {
         }
         if self.roles.contains(&Role::Relay) {
             let relay = Relay::new(store.clone(), jetstream.clone(), relay_config);
+            let _ = self.relay_stats.set(relay.stats());
             let token = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(error) = relay.run(token).await {
@@ -388,8 +402,8 @@ impl Application {
         let tasks = self.start_roles(&shutdown).await;
         let grace = self.config.shutdown_grace;
         let signal = shutdown.clone();
-        // Every role serves the operations endpoints (/healthz, /readyz); the public API
-        // joins them with the gateway role.
+        // Every role serves the operations endpoints (/healthz, /readyz, /metrics); the
+        // public API joins them with the gateway role.
         // ConnectInfo gives the per-address rate limit of the auth routes its key.
         let server = axum::serve(
             self.listener,

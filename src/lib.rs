@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: layered, validated settings.
 //! - [`telemetry`]: tracing and OpenTelemetry set-up.
+//! - [`metrics`]: the Prometheus recorder and the `/metrics` page.
 //! - [`shutdown`]: the process's cancellation token and signals.
 //! - [`app`]: [`Application::build`] and [`Application::run_until_stopped`].
 //! - [`admin`]: `colloquy admin …`, the operators' tools.
@@ -14,6 +15,7 @@ pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod replay;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,5 +1,10 @@
 //! [`Commands`]: load → decide → append, with the aggregate cache, bounded retry on
 //! version conflicts, command idempotency and erasure.
+//!
+//! Every command is counted by aggregate, command and outcome
+//! (`colloquy_commands_total`), every version conflict on append
+//! (`colloquy_command_conflicts_total`) and every decision made again
+//! (`colloquy_command_retries_total`, by reason). docs/OPERATIONS.md lists the metrics.
 
 use std::sync::Arc;
 
@@ -98,6 +103,57 @@ pub enum CommandError {
     Store(#[from] StoreError),
 }
 
+impl CommandError {
+    /// The `outcome` label of `colloquy_commands_total` for this error.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Domain(_) => "refused",
+            Self::IdempotencyMismatch => "idempotency_mismatch",
+            Self::VersionMismatch { .. } => "version_mismatch",
+            Self::Conflict { .. } => "conflict",
+            Self::Decode { .. } | Self::Store(_) => "error",
+        }
+    }
+}
+
+/// Counts a handled command: `aggregate` (`conversation`, `run`, `process`), the
+/// command's name, and how it ended (`accepted`, including a command that changed
+/// nothing; `replayed`, a repeated idempotency key; or the error's kind).
+fn observe(
+    aggregate: &'static str,
+    command: &'static str,
+    result: &Result<Committed, CommandError>,
+) {
+    let outcome = match result {
+        Ok(committed) if committed.replayed => "replayed",
+        Ok(_) => "accepted",
+        Err(error) => error.outcome(),
+    };
+    metrics::counter!(
+        "colloquy_commands_total",
+        "aggregate" => aggregate,
+        "command" => command,
+        "outcome" => outcome,
+    )
+    .increment(1);
+}
+
+/// Counts a decision made again: after a version conflict on append (`conflict`, also
+/// counted in `colloquy_command_conflicts_total`) or after a refusal by a cached state
+/// that may be stale (`stale_cache`).
+fn retried(aggregate: &'static str, reason: &'static str) {
+    if reason == "conflict" {
+        metrics::counter!("colloquy_command_conflicts_total", "aggregate" => aggregate)
+            .increment(1);
+    }
+    metrics::counter!(
+        "colloquy_command_retries_total",
+        "aggregate" => aggregate,
+        "reason" => reason,
+    )
+    .increment(1);
+}
+
 /// What erasure did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForgetReport {
@@ -149,8 +205,12 @@ impl Commands {
         command: ConversationCommand,
         ctx: &Context,
     ) -> Result<Committed, CommandError> {
-        self.single_at(&self.conversations, &id.stream_name(), command, None, ctx)
-            .await
+        let name = command_name(&command);
+        let result = self
+            .single_at(&self.conversations, &id.stream_name(), command, None, ctx)
+            .await;
+        observe("conversation", name, &result);
+        result
     }
 
     /// Handles a command on one conversation only if the stream is at `expected`
@@ -165,14 +225,18 @@ impl Commands {
         expected: i64,
         ctx: &Context,
     ) -> Result<Committed, CommandError> {
-        self.single_at(
-            &self.conversations,
-            &id.stream_name(),
-            command,
-            Some(expected),
-            ctx,
-        )
-        .await
+        let name = command_name(&command);
+        let result = self
+            .single_at(
+                &self.conversations,
+                &id.stream_name(),
+                command,
+                Some(expected),
+                ctx,
+            )
+            .await;
+        observe("conversation", name, &result);
+        result
     }
 
     /// Handles a command on one run.
@@ -183,8 +247,12 @@ impl Commands {
         command: RunCommand,
         ctx: &Context,
     ) -> Result<Committed, CommandError> {
-        self.single_at(&self.runs, &id.stream_name(), command, None, ctx)
-            .await
+        let name = run_command_name(&command);
+        let result = self
+            .single_at(&self.runs, &id.stream_name(), command, None, ctx)
+            .await;
+        observe("run", name, &result);
+        result
     }
 
     /// Handles a command that spans a conversation and a run, appending to both in
@@ -192,6 +260,19 @@ impl Commands {
     /// event is the command's last position).
     #[instrument(skip_all, fields(conversation.id = %conversation, run.id = %run))]
     pub async fn process(
+        &self,
+        conversation: ConversationId,
+        run: RunId,
+        command: ProcessCommand,
+        ctx: &Context,
+    ) -> Result<Committed, CommandError> {
+        let name = process_command_name(&command);
+        let result = self.process_at(conversation, run, command, ctx).await;
+        observe("process", name, &result);
+        result
+    }
+
+    async fn process_at(
         &self,
         conversation: ConversationId,
         run: RunId,
@@ -219,6 +300,7 @@ impl Commands {
                 Err(_) if !fresh => {
                     // The cached state may be stale: decide once more on the log's.
                     fresh = true;
+                    retried("process", "stale_cache");
                     continue;
                 }
                 Err(e) => return self.refused(ctx, e).await,
@@ -287,6 +369,7 @@ impl Commands {
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => {
                     fresh = true;
+                    retried("process", "conflict");
                     back_off(attempt).await;
                 }
                 Err(StoreError::DuplicateEventId { .. }) => return self.duplicate(ctx).await,
@@ -390,6 +473,7 @@ impl Commands {
                 Ok(events) => events,
                 Err(_) if !fresh => {
                     fresh = true;
+                    retried(aggregate_name::<A>(), "stale_cache");
                     continue;
                 }
                 Err(e) => return self.refused(ctx, e).await,
@@ -422,6 +506,7 @@ impl Commands {
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => {
                     fresh = true;
+                    retried(aggregate_name::<A>(), "conflict");
                     back_off(attempt).await;
                 }
                 Err(StoreError::DuplicateEventId { .. }) => return self.duplicate(ctx).await,
@@ -560,6 +645,40 @@ async fn remember<A>(
         .await;
 }
 
+/// The `aggregate` label of an aggregate's commands.
+fn aggregate_name<A: Aggregate>() -> &'static str {
+    match A::CATEGORY {
+        CONVERSATION_CATEGORY => "conversation",
+        _ => "run",
+    }
+}
+
+/// A run command's name, as a label.
+fn run_command_name(command: &RunCommand) -> &'static str {
+    match command {
+        RunCommand::Start { .. } => "start",
+        RunCommand::Progress { .. } => "progress",
+        RunCommand::ScheduleRetry { .. } => "schedule_retry",
+        RunCommand::Complete { .. } => "complete",
+        RunCommand::Fail { .. } => "fail",
+        RunCommand::Cancel { .. } => "cancel",
+        RunCommand::Revive { .. } => "revive",
+    }
+}
+
+/// A command spanning a conversation and a run, named as a label.
+fn process_command_name(command: &ProcessCommand) -> &'static str {
+    match command {
+        ProcessCommand::RequestRun(_) => "request_run",
+        ProcessCommand::SendAndRequestRun(_) => "send_and_request_run",
+        ProcessCommand::CompleteRun(_) => "complete_run",
+        ProcessCommand::FailRun(_) => "fail_run",
+        ProcessCommand::CancelRun(_) => "cancel_run",
+        ProcessCommand::ReviveRun(_) => "revive_run",
+    }
+}
+
+/// A conversation command's name, as a label and a span field.
 fn command_name(command: &ConversationCommand) -> &'static str {
     match command {
         ConversationCommand::Start { .. } => "start",

@@ -3,8 +3,9 @@
 The schemas say each file is well formed; this says the files agree with each other and
 with the binary: every setting a deploy file gives Colloquy is one it reads (the KEYS list
 in src/config.rs), every role named exists (src/app.rs), every `serve` runs --external,
-references between services, volumes, Kubernetes objects and dashboards resolve, and
-every knob of compose.yaml is documented in .env.example.
+references between services, volumes, Kubernetes objects and dashboards resolve, every
+Colloquy metric a dashboard queries is one the binary exports (described in
+src/metrics.rs), and every knob of compose.yaml is documented in .env.example.
 
 Usage: python consistency.py REPOSITORY_ROOT   (scripts/validate-deploy runs it)
 Prints one line per problem; exits 1 if there is any.
@@ -45,6 +46,15 @@ def colloquy_roles(root: Path) -> set[str]:
     if not block:
         sys.exit("consistency: cannot find `pub enum Role` in src/app.rs")
     return {name.lower() for name in re.findall(r"^\s*([A-Z]\w*),", block.group(1), re.M)}
+
+
+def colloquy_metrics(root: Path) -> set[str]:
+    """The metrics Colloquy exports: every `describe_…!("colloquy_…"` in src/metrics.rs."""
+    source = (root / "src/metrics.rs").read_text()
+    names = set(re.findall(r'describe_(?:counter|gauge|histogram)!\(\s*"(colloquy_\w+)"', source))
+    if not names:
+        sys.exit("consistency: cannot find the metric descriptions in src/metrics.rs")
+    return names
 
 
 def check_serve(where: str, args: list[str], roles: set[str]) -> set[str]:
@@ -163,7 +173,7 @@ def check_compose(deploy: Path, keys: set[str], roles: set[str]) -> None:
 # --- Grafana ----------------------------------------------------------------------------
 
 
-def check_grafana(deploy: Path) -> None:
+def check_grafana(deploy: Path, metrics: set[str]) -> None:
     uids = set()
     for path in (deploy / "grafana/provisioning/datasources").glob("*.yaml"):
         for source in yaml.safe_load(path.read_text()).get("datasources", []):
@@ -195,6 +205,11 @@ def check_grafana(deploy: Path) -> None:
             for target in panel.get("targets", []):
                 if not target.get("expr"):
                     problem(where, f"panel {panel.get('title')!r} has a target without a query")
+                for name in re.findall(r"\bcolloquy_\w+", target.get("expr") or ""):
+                    # A histogram's series: <name>_bucket, _count, _sum.
+                    family = re.sub(r"_(bucket|count|sum)$", "", name)
+                    if name not in metrics and family not in metrics:
+                        problem(where, f"panel {panel.get('title')!r} queries {name}, which Colloquy does not export")
 
 
 # --- Kubernetes ---------------------------------------------------------------------------
@@ -294,7 +309,7 @@ def main() -> int:
     deploy = root / "deploy"
     keys, roles = colloquy_keys(root), colloquy_roles(root)
     check_compose(deploy, keys, roles)
-    check_grafana(deploy)
+    check_grafana(deploy, colloquy_metrics(root))
     check_k8s(deploy, keys, roles)
     for line in problems:
         print(line)

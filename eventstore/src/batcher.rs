@@ -1,8 +1,14 @@
 //! Group commit: concurrent appends queue here and a writer task takes them as one
 //! batch, so one ordering lock, one round of reads and one commit (one WAL flush on
 //! Postgres) serve many appends. See docs/adr/0002-commit-ordered-positions.md.
+//!
+//! Every append through here is counted (`colloquy_appends_total` by outcome,
+//! `colloquy_appended_events_total`) and timed from queueing to its result
+//! (`colloquy_append_duration_seconds`); each batch's size is observed
+//! (`colloquy_append_batch_appends`). docs/OPERATIONS.md lists the metrics.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -115,16 +121,36 @@ impl Batcher {
 
     /// Queues an append and waits for its result.
     pub async fn append(&self, appends: Vec<StreamAppend>) -> Result<AppendOutcome, StoreError> {
+        let started = Instant::now();
+        let events: usize = appends.iter().map(|a| a.events.len()).sum();
         let (reply, result) = oneshot::channel();
-        self.queue
-            .send(Request { appends, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        result.await.map_err(|_| StoreError::Closed)?
+        let result = match self.queue.send(Request { appends, reply }).await {
+            Ok(()) => result.await.unwrap_or(Err(StoreError::Closed)),
+            Err(_) => Err(StoreError::Closed),
+        };
+        observe(&result, events, started);
+        result
     }
 }
 
+/// Counts and times one append (see the module docs).
+fn observe(result: &Result<AppendOutcome, StoreError>, events: usize, started: Instant) {
+    let outcome = match result {
+        Ok(outcome) if outcome.replayed => "replayed",
+        Ok(_) => "ok",
+        Err(StoreError::WrongExpectedVersion { .. }) => "wrong_expected_version",
+        Err(StoreError::DuplicateEventId { .. }) => "duplicate_event_id",
+        Err(_) => "error",
+    };
+    metrics::counter!("colloquy_appends_total", "outcome" => outcome).increment(1);
+    if matches!(result, Ok(outcome) if !outcome.replayed) {
+        metrics::counter!("colloquy_appended_events_total").increment(events as u64);
+    }
+    metrics::histogram!("colloquy_append_duration_seconds").record(started.elapsed());
+}
+
 async fn run_batch(writer: &dyn BatchWriter, batch: Vec<Request>) {
+    metrics::histogram!("colloquy_append_batch_appends").record(batch.len() as f64);
     let requests: Vec<&[StreamAppend]> = batch.iter().map(|r| r.appends.as_slice()).collect();
     match writer.write_batch(&requests).await {
         Ok(results) => {

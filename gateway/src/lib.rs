@@ -9,6 +9,7 @@
 //! - [`live`]: the SSE streams, fed by one [`LiveHub`] per process.
 //! - [`error`]: [`ApiError`] (problem+json) and the [`ApiJson`] body extractor.
 //! - [`admin`]: the operators' routes under `/v1/admin` (admin role only).
+//! - [`metrics`]: `/metrics` (Prometheus) and the HTTP metrics of every request.
 
 pub mod admin;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod edges;
 pub mod error;
 pub mod health;
 pub mod live;
+pub mod metrics;
 pub mod openapi;
 pub mod routes;
 
@@ -28,6 +30,7 @@ pub use auth::{AdminUser, AuthState, AuthUser};
 pub use error::{ApiError, ApiJson};
 pub use health::{Probe, ProbeResult};
 pub use live::{LiveHub, LiveSettings};
+pub use metrics::Scrape;
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
@@ -48,6 +51,8 @@ pub struct GatewayState {
     pub keys: Option<Arc<colloquy_gemini_agent::keys::KeyPool>>,
     /// Read-model rebuilds started through the admin routes.
     pub rebuilds: admin::Rebuilds,
+    /// Renders `/metrics`.
+    pub metrics: Arc<dyn Scrape>,
 }
 
 /// The whole HTTP surface, with the default edges (no CORS, a 30 s request timeout).
@@ -66,6 +71,7 @@ pub fn router_with(state: GatewayState, edges: &edges::Edges) -> Result<Router, 
     let timeout = edges.request_timeout;
     let router = Router::new()
         .merge(health::routes())
+        .merge(metrics::routes())
         .merge(auth::routes(&state.auth))
         .merge(
             routes::routes().route_layer(axum::middleware::from_fn_with_state(
@@ -82,6 +88,7 @@ pub fn router_with(state: GatewayState, edges: &edges::Edges) -> Result<Router, 
         .layer(axum::middleware::from_fn(move |request, next| {
             edges::bounded(timeout, request, next)
         }))
+        .layer(axum::middleware::from_fn(metrics::observe))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

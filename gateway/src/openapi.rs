@@ -7,8 +7,8 @@
 //!   parameters, request and response bodies, statuses, headers), and the module
 //!   registers each route together with its description (`utoipa_axum::routes!`), so
 //!   the router that serves and the document that describes are built from the same
-//!   list: [`crate::health::api`], `crate::auth`'s `AuthState::openapi`,
-//!   [`crate::routes::api`] and [`crate::live::api`].
+//!   list: [`crate::health::api`], [`crate::metrics::api`], `crate::auth`'s
+//!   `AuthState::openapi`, [`crate::routes::api`] and [`crate::live::api`].
 //! - Bodies are the handlers' own types (`ToSchema`): a response is serialised from
 //!   the very struct its schema is derived from.
 //! - [`ApiDoc`] adds what is common: the API's description, the `bearer` security
@@ -81,7 +81,7 @@ const OPENAPI_JSON: &str = "application/json";
         (name = "search", description = "Full-text search"),
         (name = "live", description = "Server-sent events"),
         (name = "admin", description = "Operators (the `admin` role)"),
-        (name = "operations", description = "Probes and this document (no token)"),
+        (name = "operations", description = "Probes, metrics and this document (no token)"),
     )
 )]
 pub struct ApiDoc;
@@ -90,6 +90,7 @@ pub struct ApiDoc;
 pub fn document() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::health::api().into_openapi());
+    doc.merge(crate::metrics::api().into_openapi());
     doc.merge(crate::auth::AuthState::openapi());
     doc.merge(crate::routes::api().into_openapi());
     doc.merge(crate::live::api().into_openapi());
@@ -586,6 +587,7 @@ mod tests {
         ("POST", "/v1/admin/users/{user_id}/forget"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
+        ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
     ];

@@ -20,6 +20,11 @@
 //!   checkpoint, watches for cancellations the same way, and sends token deltas in
 //!   memory. A run taken when the process stops is found again by the sweep, as a
 //!   lost JetStream message is.
+//!
+//! Metrics: every run handled, by outcome (`colloquy_agent_runs_total`); retries, within
+//! an attempt or scheduled in the log (`colloquy_agent_retries_total`); failed Gemini
+//! calls by kind (`colloquy_gemini_failures_total`); tokens Gemini reported
+//! (`colloquy_gemini_tokens_total`). docs/OPERATIONS.md lists them all.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -538,6 +543,22 @@ impl Agent {
     /// The log or the budget store failed; nothing was settled.
     #[tracing::instrument(skip(self), fields(run.id = %run))]
     pub async fn handle(&self, run: RunId, trigger: Trigger) -> Result<Handled, AgentError> {
+        let result = self.settle(run, trigger).await;
+        let outcome = match &result {
+            Ok(Handled::Completed) => "completed",
+            Ok(Handled::Failed(reason)) if reason.starts_with(DEAD_LETTER_PREFIX) => "dead_letter",
+            Ok(Handled::Failed(_)) => "failed",
+            Ok(Handled::Retrying(_)) => "retrying",
+            Ok(Handled::Cancelled) => "cancelled",
+            Ok(Handled::Skipped(_)) => "skipped",
+            Err(_) => "error",
+        };
+        metrics::counter!("colloquy_agent_runs_total", "outcome" => outcome).increment(1);
+        result
+    }
+
+    /// [`Agent::handle`], uncounted.
+    async fn settle(&self, run: RunId, trigger: Trigger) -> Result<Handled, AgentError> {
         let commands = &self.inner.commands;
         let mut loaded = commands.load_run(run).await?;
         if loaded.state.as_ref().is_some_and(AgentRun::is_dead_letter) {
@@ -601,7 +622,7 @@ impl Agent {
                 )
                 .await
             {
-                Ok(_) => {}
+                Ok(_) => retried("taken_over"),
                 Err(CommandError::Domain(_)) => return Ok(Handled::Skipped("moved on")),
                 Err(error) => return Err(error.into()),
             }
@@ -741,6 +762,12 @@ impl Agent {
                     finish_reason,
                     usage,
                 } => {
+                    if let Some(usage) = &usage {
+                        metrics::counter!("colloquy_gemini_tokens_total", "kind" => "prompt")
+                            .increment(usage.prompt_token_count);
+                        metrics::counter!("colloquy_gemini_tokens_total", "kind" => "candidates")
+                            .increment(usage.candidates_token_count);
+                    }
                     let tokens = usage.as_ref().map_or(estimate, |u| u.prompt_token_count);
                     pool.report(lease, Outcome::Success { tokens }).await?;
                     return self
@@ -753,6 +780,8 @@ impl Agent {
                 }
                 CallEnd::Failed(failure) => failure,
             };
+            metrics::counter!("colloquy_gemini_failures_total", "kind" => failure.kind())
+                .increment(1);
             let reason = failure.reason();
             tracing::info!(attempt, reason = %reason, "agent: Gemini call failed");
             let effect = failure.key_effect();
@@ -782,6 +811,7 @@ impl Agent {
                     .retry_later(run_attempted(run, attempt), reason, None, ctx)
                     .await;
             };
+            retried("in_attempt");
             tokio::time::sleep(delay).await;
             lease = match pool.acquire(estimate).await {
                 Ok(lease) => lease,
@@ -1041,7 +1071,10 @@ impl Agent {
             )
             .await
         {
-            Ok(_) => Ok(Handled::Retrying(reason)),
+            Ok(_) => {
+                retried("scheduled");
+                Ok(Handled::Retrying(reason))
+            }
             Err(CommandError::Domain(_)) => Ok(Handled::Skipped("settled meanwhile")),
             Err(error) => Err(error.into()),
         }
@@ -1096,6 +1129,13 @@ pub fn reply_id(run: RunId, attempt: u32) -> MessageId {
         &run.as_uuid(),
         format!("reply-{attempt}").as_bytes(),
     ))
+}
+
+/// Counts a retry: `in_attempt` (the same attempt calls Gemini again after a backoff),
+/// `scheduled` (`RunRetryScheduled`: a later attempt, from the escalation schedule) or
+/// `taken_over` (an attempt whose agent stopped, closed to be retried now).
+fn retried(kind: &'static str) {
+    metrics::counter!("colloquy_agent_retries_total", "kind" => kind).increment(1);
 }
 
 /// What a failure means for the key pool.

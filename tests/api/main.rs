@@ -16,4 +16,5 @@ mod health;
 mod helpers;
 mod live;
 mod message_db;
+mod metrics;
 mod readme;

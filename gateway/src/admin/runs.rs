@@ -85,6 +85,22 @@ pub async fn list_dead_letters(
     )
 }
 
+/// How many dead letters the runs read model holds (`colloquy_agent_dead_letters`): the
+/// runs [`list_dead_letters`] lists.
+pub async fn count_dead_letters(db: &Database) -> Result<i64, sqlx::Error> {
+    read_query!(
+        db,
+        query_scalar,
+        fetch_one,
+        "SELECT count(*) FROM rm_runs.runs
+          WHERE status = 'failed' AND starts_with(error, $1) AND finished_at IS NOT NULL",
+        "SELECT count(*) FROM rm_runs_runs
+          WHERE status = 'failed' AND substr(error, 1, length($1)) = $1
+            AND finished_at IS NOT NULL",
+        DEAD_LETTER_PREFIX,
+    )
+}
+
 /// Revives the dead letter `run_id` (the domain's `ReviveRun`, due now) as `ctx`'s
 /// user; `Ok(None)` when the log has no such run. Read from the log, not a cache: the
 /// run was settled by an agent elsewhere. Shared by the HTTP retry and `colloquy admin

@@ -10,12 +10,16 @@
 //! unary call (`generate`, `count_tokens`, `probe`), and `stream_idle_timeout` for the
 //! longest silence of a stream, including the wait for its first byte. A stream has no
 //! overall limit: a long reply that keeps arriving is fine.
+//!
+//! Metrics: every call is counted by method and the class of its HTTP status
+//! (`colloquy_gemini_calls_total`; `timeout` or `transport` when there was no answer)
+//! and timed to its response head (`colloquy_gemini_call_duration_seconds`).
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use reqwest::header::HeaderValue;
@@ -42,6 +46,17 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// The longest model name accepted; Gemini's are far shorter.
 const MAX_MODEL_NAME: usize = 128;
+
+/// An HTTP status as the `status_class` label: `2xx` … `5xx`.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
 
 /// How to reach Gemini.
 #[derive(Clone)]
@@ -234,6 +249,7 @@ impl GeminiClient {
         let builder = self.http.post(url).json(request);
         let response = self
             .send(
+                "stream_generate_content",
                 key,
                 builder,
                 self.stream_idle_timeout,
@@ -269,7 +285,8 @@ impl GeminiClient {
     ) -> Result<GenerateContentResponse, CallFailure> {
         let url = self.model_url(model, "generateContent")?;
         let builder = self.http.post(url).json(request);
-        let response: GenerateContentResponse = self.unary(key, builder).await?;
+        let response: GenerateContentResponse =
+            self.unary("generate_content", key, builder).await?;
         if let Some(reason) = response.block_reason() {
             return Err(CallFailure::Blocked {
                 by: BlockedBy::Prompt(reason.clone()),
@@ -301,7 +318,7 @@ impl GeminiClient {
             },
         };
         let builder = self.http.post(url).json(&body);
-        let response: CountTokensResponse = self.unary(key, builder).await?;
+        let response: CountTokensResponse = self.unary("count_tokens", key, builder).await?;
         Ok(response.total_tokens)
     }
 
@@ -312,20 +329,21 @@ impl GeminiClient {
         let mut url = self.url("models")?;
         url.set_query(Some("pageSize=1"));
         let builder = self.http.get(url);
-        let _: ListModelsResponse = self.unary(key, builder).await?;
+        let _: ListModelsResponse = self.unary("list_models", key, builder).await?;
         Ok(())
     }
 
-    /// A unary call: sends, checks the status, reads and parses the body, all within the
-    /// request timeout.
+    /// A unary call (`method`, for metrics): sends, checks the status, reads and parses
+    /// the body, all within the request timeout.
     async fn unary<T: DeserializeOwned>(
         &self,
+        method: &'static str,
         key: &SecretString,
         builder: RequestBuilder,
     ) -> Result<T, CallFailure> {
         let builder = builder.timeout(self.request_timeout);
         let response = self
-            .send(key, builder, self.request_timeout, "the response")
+            .send(method, key, builder, self.request_timeout, "the response")
             .await?;
         let body = response
             .bytes()
@@ -355,9 +373,11 @@ impl GeminiClient {
     }
 
     /// Sends a request with the key in its header and returns the response if its status
-    /// is a success; otherwise reads the error body and classifies it.
+    /// is a success; otherwise reads the error body and classifies it. Counts and times
+    /// the call as `method`.
     async fn send(
         &self,
+        method: &'static str,
         key: &SecretString,
         builder: RequestBuilder,
         wait: Duration,
@@ -370,8 +390,22 @@ impl GeminiClient {
             })?;
         header.set_sensitive(true);
         let request = builder.header(API_KEY_HEADER, header).send();
-        let response = tokio::time::timeout(wait, request)
-            .await
+        let started = Instant::now();
+        let answer = tokio::time::timeout(wait, request).await;
+        let status_class = match &answer {
+            Ok(Ok(response)) => status_class(response.status().as_u16()),
+            Ok(Err(_)) => "transport",
+            Err(_) => "timeout",
+        };
+        metrics::counter!(
+            "colloquy_gemini_calls_total",
+            "method" => method,
+            "status_class" => status_class,
+        )
+        .increment(1);
+        metrics::histogram!("colloquy_gemini_call_duration_seconds", "method" => method)
+            .record(started.elapsed());
+        let response = answer
             .map_err(|_| {
                 CallFailure::transport(
                     TransportKind::Timeout,

@@ -764,6 +764,34 @@ impl CallFailure {
         }
     }
 
+    /// The failure's kind in one word, as a metrics label (`colloquy_gemini_failures_total`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RateLimited {
+                scope: QuotaScope::PerDay,
+                ..
+            } => "rate_limited_per_day",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::KeyInvalid { .. } => "key_invalid",
+            Self::KeyUnusable { .. } => "key_unusable",
+            Self::Precondition { .. } => "precondition",
+            Self::BadRequest { .. } => "bad_request",
+            Self::NotFound { .. } => "not_found",
+            Self::Internal { .. } => "internal",
+            Self::Overloaded { .. } => "overloaded",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::Transport {
+                kind: TransportKind::Timeout,
+                ..
+            } => "timeout",
+            Self::Transport { .. } => "transport",
+            Self::Blocked { .. } => "blocked",
+            Self::Incomplete => "incomplete",
+            Self::Malformed { .. } => "malformed",
+            Self::Unexpected { .. } => "unexpected",
+        }
+    }
+
     /// A short, stable description without keys, fit for an event or an admin view, e.g.
     /// `rate limited per minute (limit 10), retry in 22s` or `key unusable
     /// (CONSUMER_SUSPENDED)`.
