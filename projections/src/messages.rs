@@ -15,7 +15,9 @@ use colloquy_domain::{CONVERSATION_CATEGORY, ConversationEvent};
 use colloquy_eventstore::RecordedEvent;
 use uuid::Uuid;
 
-use crate::projection::{Conn, Projection, decode, distinct, rows_by_id};
+use crate::projection::{
+    Bind, Columns, Conn, Projection, decode_all, distinct, rows_by_id, write_rows,
+};
 
 /// Longest preview kept for the conversation list, in characters.
 pub const PREVIEW_CHARS: i32 = 200;
@@ -43,12 +45,7 @@ impl Projection for Messages {
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()> {
-        let decoded: Vec<(Uuid, &RecordedEvent, ConversationEvent)> = events
-            .iter()
-            .filter_map(|e| {
-                decode::<ConversationEvent>(e, CONVERSATION_CATEGORY).map(|(id, d)| (id, e, d))
-            })
-            .collect();
+        let decoded = decode_all::<ConversationEvent>(events, CONVERSATION_CATEGORY);
         if decoded.is_empty() {
             return Ok(());
         }
@@ -323,128 +320,99 @@ async fn load_messages(
     Ok(rows.into_iter().map(|r| (r.id, r)).collect())
 }
 
+macro_rules! message_updates {
+    () => {
+        " ON CONFLICT (id) DO UPDATE SET text = excluded.text, edited_at = excluded.edited_at, \
+         deleted = excluded.deleted"
+    };
+}
+
+macro_rules! conversation_updates {
+    () => {
+        " ON CONFLICT (id) DO UPDATE SET title = excluded.title, archived = excluded.archived, \
+         updated_at = excluded.updated_at, activity_position = excluded.activity_position, \
+         message_count = excluded.message_count, \
+         last_message_preview = excluded.last_message_preview, version = excluded.version"
+    };
+}
+
+impl Columns for MessageRow {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>) {
+        bind.column(|r| r.id);
+        bind.column(|r| r.conversation_id);
+        bind.column(|r| r.seq);
+        bind.column(|r| r.author.as_str());
+        bind.column(|r| r.author_id);
+        bind.column(|r| r.text.as_str());
+        bind.column(|r| r.created_at);
+        bind.column(|r| r.edited_at);
+        bind.column(|r| r.deleted);
+        bind.column(|r| r.run_id);
+        bind.column(|r| r.reply_to);
+    }
+}
+
+impl Columns for ConversationRow {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>) {
+        bind.column(|r| r.id);
+        bind.column(|r| r.owner);
+        bind.column(|r| r.title.as_deref());
+        bind.column(|r| r.system_prompt.as_deref());
+        bind.column(|r| r.model.as_deref());
+        bind.column(|r| r.archived);
+        bind.column(|r| r.created_at);
+        bind.column(|r| r.updated_at);
+        bind.column(|r| r.activity_position);
+        bind.column(|r| r.message_count);
+        bind.column(|r| r.last_message_preview.as_deref());
+        bind.column(|r| r.version);
+    }
+}
+
 async fn save_messages(conn: &mut Conn<'_>, rows: &[&MessageRow]) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query(concat!(
-                "INSERT INTO messages (",
-                message_columns!(),
-                ")
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::uuid[],
-                                      $6::text[], $7::timestamptz[], $8::timestamptz[], $9::bool[],
-                                      $10::uuid[], $11::uuid[])
-                 ON CONFLICT (id) DO UPDATE SET text = excluded.text, edited_at = excluded.edited_at,
-                                                deleted = excluded.deleted"
-            ))
-            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.author.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.author_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.text.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.edited_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.run_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.reply_to).collect::<Vec<_>>())
-            .execute(&mut **conn)
-            .await?;
-        }
-        Conn::Sqlite(conn) => {
-            for r in rows {
-                sqlx::query(concat!(
-                    "INSERT INTO rm_messages_messages (",
-                    message_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                     ON CONFLICT (id) DO UPDATE SET text = excluded.text,
-                            edited_at = excluded.edited_at, deleted = excluded.deleted"
-                ))
-                .bind(r.id)
-                .bind(r.conversation_id)
-                .bind(r.seq)
-                .bind(&r.author)
-                .bind(r.author_id)
-                .bind(&r.text)
-                .bind(r.created_at)
-                .bind(r.edited_at)
-                .bind(r.deleted)
-                .bind(r.run_id)
-                .bind(r.reply_to)
-                .execute(&mut **conn)
-                .await?;
-            }
-        }
-    }
-    Ok(())
+    Ok(write_rows(
+        conn,
+        concat!(
+            "INSERT INTO messages (",
+            message_columns!(),
+            ")
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::uuid[],
+                                  $6::text[], $7::timestamptz[], $8::timestamptz[], $9::bool[],
+                                  $10::uuid[], $11::uuid[])",
+            message_updates!()
+        ),
+        concat!(
+            "INSERT INTO rm_messages_messages (",
+            message_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            message_updates!()
+        ),
+        rows,
+    )
+    .await?)
 }
 
 async fn save_conversations(conn: &mut Conn<'_>, rows: &[&ConversationRow]) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query(concat!(
-                "INSERT INTO conversations (",
-                conversation_columns!(),
-                ")
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                                      $6::bool[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
-                                      $10::int[], $11::text[], $12::bigint[])
-                 ON CONFLICT (id) DO UPDATE SET title = excluded.title, archived = excluded.archived,
-                        updated_at = excluded.updated_at, activity_position = excluded.activity_position,
-                        message_count = excluded.message_count,
-                        last_message_preview = excluded.last_message_preview, version = excluded.version"
-            ))
-            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.owner).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.title.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.system_prompt.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.model.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.archived).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.activity_position).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.message_count).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.last_message_preview.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
-            .execute(&mut **conn)
-            .await?;
-        }
-        Conn::Sqlite(conn) => {
-            for r in rows {
-                sqlx::query(concat!(
-                    "INSERT INTO rm_messages_conversations (",
-                    conversation_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                     ON CONFLICT (id) DO UPDATE SET title = excluded.title,
-                            archived = excluded.archived, updated_at = excluded.updated_at,
-                            activity_position = excluded.activity_position,
-                            message_count = excluded.message_count,
-                            last_message_preview = excluded.last_message_preview,
-                            version = excluded.version"
-                ))
-                .bind(r.id)
-                .bind(r.owner)
-                .bind(&r.title)
-                .bind(&r.system_prompt)
-                .bind(&r.model)
-                .bind(r.archived)
-                .bind(r.created_at)
-                .bind(r.updated_at)
-                .bind(r.activity_position)
-                .bind(r.message_count)
-                .bind(&r.last_message_preview)
-                .bind(r.version)
-                .execute(&mut **conn)
-                .await?;
-            }
-        }
-    }
-    Ok(())
+    Ok(write_rows(
+        conn,
+        concat!(
+            "INSERT INTO conversations (",
+            conversation_columns!(),
+            ")
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                                  $6::bool[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
+                                  $10::int[], $11::text[], $12::bigint[])",
+            conversation_updates!()
+        ),
+        concat!(
+            "INSERT INTO rm_messages_conversations (",
+            conversation_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            conversation_updates!()
+        ),
+        rows,
+    )
+    .await?)
 }
 
 /// The preview is the newest message still shown.

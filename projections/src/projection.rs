@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use colloquy_eventstore::RecordedEvent;
-use sqlx::{PgConnection, SqliteConnection};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArguments, PgHasArrayType};
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Arguments as _, Encode, PgConnection, Postgres, Sqlite, SqliteConnection, Type};
 
 /// A connection inside a read-model write transaction, of either backend.
 ///
@@ -105,6 +108,18 @@ pub fn decode<E: colloquy_domain::DomainEvent>(
     }
 }
 
+/// Decodes the events of `E`'s aggregate in a batch, each with its stream's id and the
+/// recorded event it came from ([`decode`]); the rest are left out.
+pub(crate) fn decode_all<'e, E: colloquy_domain::DomainEvent>(
+    events: &'e [RecordedEvent],
+    category: &str,
+) -> Vec<(uuid::Uuid, &'e RecordedEvent, E)> {
+    events
+        .iter()
+        .filter_map(|e| decode::<E>(e, category).map(|(id, d)| (id, e, d)))
+        .collect()
+}
+
 /// Loads rows by id on either backend: on Postgres with one query (`postgres` takes the
 /// ids as a `uuid[]` in `$1`), on SQLite one indexed lookup per id (`sqlite` takes one
 /// id in `$1`; in-process lookups cost microseconds). Ids not found are left out.
@@ -151,4 +166,112 @@ pub(crate) fn distinct(mut ids: Vec<uuid::Uuid>) -> Vec<uuid::Uuid> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// A row type's columns, in the order its write statements name them, written once
+/// for both backends: `columns` hands each column's value to [`Bind::column`].
+pub(crate) trait Columns: Sized + Sync {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>)
+    where
+        Self: 'r;
+}
+
+/// Binds the columns of rows of type `R`: on Postgres each column as one array of
+/// every row's value (for `unnest`), on SQLite one row's values.
+pub(crate) trait Bind<'r, R: 'r> {
+    fn column<V>(&mut self, value: impl Fn(&'r R) -> V)
+    where
+        V: Encode<'r, Postgres>
+            + Type<Postgres>
+            + PgHasArrayType
+            + Encode<'r, Sqlite>
+            + Type<Sqlite>;
+}
+
+/// A row that is only its id (a delete by id, say).
+impl Columns for uuid::Uuid {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>) {
+        bind.column(|id| *id);
+    }
+}
+
+/// One array per column, for all the rows.
+struct PgArrays<'r, R> {
+    rows: &'r [&'r R],
+    arguments: Result<PgArguments, BoxDynError>,
+}
+
+impl<'r, R> Bind<'r, R> for PgArrays<'r, R> {
+    fn column<V>(&mut self, value: impl Fn(&'r R) -> V)
+    where
+        V: Encode<'r, Postgres> + Type<Postgres> + PgHasArrayType,
+    {
+        if let Ok(arguments) = &mut self.arguments {
+            let values: Vec<V> = self.rows.iter().map(|row| value(row)).collect();
+            if let Err(e) = arguments.add(values) {
+                self.arguments = Err(e);
+            }
+        }
+    }
+}
+
+/// One value per column, of one row.
+struct SqliteValues<'r, R> {
+    row: &'r R,
+    arguments: Result<SqliteArguments, BoxDynError>,
+}
+
+impl<'r, R> Bind<'r, R> for SqliteValues<'r, R> {
+    fn column<V>(&mut self, value: impl Fn(&'r R) -> V)
+    where
+        V: Encode<'r, Sqlite> + Type<Sqlite>,
+    {
+        if let Ok(arguments) = &mut self.arguments
+            && let Err(e) = arguments.add(value(self.row))
+        {
+            self.arguments = Err(e);
+        }
+    }
+}
+
+/// Writes rows on either backend: on Postgres with one statement (`postgres` takes
+/// each column as an array, `$1` the first column's, for `unnest`), on SQLite one
+/// statement per row (`sqlite` takes one row's columns, `$1` the first). Nothing is
+/// run for no rows.
+pub(crate) async fn write_rows<R: Columns>(
+    conn: &mut Conn<'_>,
+    postgres: &'static str,
+    sqlite: &'static str,
+    rows: &[&R],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match conn {
+        Conn::Postgres(conn) => {
+            let mut arrays = PgArrays {
+                rows,
+                arguments: Ok(PgArguments::default()),
+            };
+            R::columns(&mut arrays);
+            let arguments = arrays.arguments.map_err(sqlx::Error::Encode)?;
+            sqlx::query_with(postgres, arguments)
+                .execute(&mut **conn)
+                .await?;
+        }
+        Conn::Sqlite(conn) => {
+            for row in rows {
+                let mut values = SqliteValues {
+                    row: *row,
+                    arguments: Ok(SqliteArguments::default()),
+                };
+                R::columns(&mut values);
+                let arguments = values.arguments.map_err(sqlx::Error::Encode)?;
+                sqlx::query_with(sqlite, arguments)
+                    .execute(&mut **conn)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }

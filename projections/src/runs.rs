@@ -12,7 +12,9 @@ use colloquy_domain::{RUN_CATEGORY, RunEvent};
 use colloquy_eventstore::RecordedEvent;
 use uuid::Uuid;
 
-use crate::projection::{Conn, Projection, decode, distinct, rows_by_id};
+use crate::projection::{
+    Bind, Columns, Conn, Projection, decode_all, distinct, rows_by_id, write_rows,
+};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy)]
@@ -37,10 +39,7 @@ impl Projection for Runs {
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()> {
-        let decoded: Vec<(Uuid, &RecordedEvent, RunEvent)> = events
-            .iter()
-            .filter_map(|e| decode::<RunEvent>(e, RUN_CATEGORY).map(|(id, d)| (id, e, d)))
-            .collect();
+        let decoded = decode_all::<RunEvent>(events, RUN_CATEGORY);
         if decoded.is_empty() {
             return Ok(());
         }
@@ -191,84 +190,61 @@ async fn load(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<Vec<RunRow>> 
     .await?)
 }
 
+macro_rules! run_updates {
+    () => {
+        " ON CONFLICT (id) DO UPDATE SET \
+         status = excluded.status, stage = excluded.stage, \
+         percent = excluded.percent, attempts = excluded.attempts, \
+         error = excluded.error, reply_message_id = excluded.reply_message_id, \
+         usage = excluded.usage, not_before = excluded.not_before, \
+         position = excluded.position, started_at = excluded.started_at, \
+         finished_at = excluded.finished_at"
+    };
+}
+
+impl Columns for RunRow {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>) {
+        bind.column(|r| r.id);
+        bind.column(|r| r.conversation_id);
+        bind.column(|r| r.requested_by);
+        bind.column(|r| r.prompt_message_id);
+        bind.column(|r| r.model.as_deref());
+        bind.column(|r| r.status.as_str());
+        bind.column(|r| r.stage.as_deref());
+        bind.column(|r| r.percent);
+        bind.column(|r| r.attempts);
+        bind.column(|r| r.error.as_deref());
+        bind.column(|r| r.reply_message_id);
+        bind.column(|r| r.usage.as_ref());
+        bind.column(|r| r.not_before);
+        bind.column(|r| r.position);
+        bind.column(|r| r.created_at);
+        bind.column(|r| r.started_at);
+        bind.column(|r| r.finished_at);
+    }
+}
+
 async fn save(conn: &mut Conn<'_>, rows: &[&RunRow]) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query(concat!(
-                "INSERT INTO runs (",
-                run_columns!(),
-                ")
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[],
-                                      $6::text[], $7::text[], $8::smallint[], $9::int[], $10::text[],
-                                      $11::uuid[], $12::jsonb[], $13::timestamptz[], $14::bigint[],
-                                      $15::timestamptz[], $16::timestamptz[], $17::timestamptz[])
-                 ON CONFLICT (id) DO UPDATE SET
-                        status = excluded.status, stage = excluded.stage,
-                        percent = excluded.percent, attempts = excluded.attempts,
-                        error = excluded.error, reply_message_id = excluded.reply_message_id,
-                        usage = excluded.usage, not_before = excluded.not_before,
-                        position = excluded.position, started_at = excluded.started_at,
-                        finished_at = excluded.finished_at"
-            ))
-            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.requested_by).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.prompt_message_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.model.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.stage.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.percent).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.attempts).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.reply_message_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.usage.clone()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.not_before).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.position).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-            .execute(&mut **conn)
-            .await?;
-        }
-        Conn::Sqlite(conn) => {
-            for r in rows {
-                sqlx::query(concat!(
-                    "INSERT INTO rm_runs_runs (",
-                    run_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                               $16, $17)
-                     ON CONFLICT (id) DO UPDATE SET
-                            status = excluded.status, stage = excluded.stage,
-                            percent = excluded.percent, attempts = excluded.attempts,
-                            error = excluded.error, reply_message_id = excluded.reply_message_id,
-                            usage = excluded.usage, not_before = excluded.not_before,
-                            position = excluded.position, started_at = excluded.started_at,
-                            finished_at = excluded.finished_at"
-                ))
-                .bind(r.id)
-                .bind(r.conversation_id)
-                .bind(r.requested_by)
-                .bind(r.prompt_message_id)
-                .bind(&r.model)
-                .bind(&r.status)
-                .bind(&r.stage)
-                .bind(r.percent)
-                .bind(r.attempts)
-                .bind(&r.error)
-                .bind(r.reply_message_id)
-                .bind(&r.usage)
-                .bind(r.not_before)
-                .bind(r.position)
-                .bind(r.created_at)
-                .bind(r.started_at)
-                .bind(r.finished_at)
-                .execute(&mut **conn)
-                .await?;
-            }
-        }
-    }
-    Ok(())
+    Ok(write_rows(
+        conn,
+        concat!(
+            "INSERT INTO runs (",
+            run_columns!(),
+            ")
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[],
+                                  $6::text[], $7::text[], $8::smallint[], $9::int[], $10::text[],
+                                  $11::uuid[], $12::jsonb[], $13::timestamptz[], $14::bigint[],
+                                  $15::timestamptz[], $16::timestamptz[], $17::timestamptz[])",
+            run_updates!()
+        ),
+        concat!(
+            "INSERT INTO rm_runs_runs (",
+            run_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                       $16, $17)",
+            run_updates!()
+        ),
+        rows,
+    )
+    .await?)
 }

@@ -20,7 +20,9 @@ use colloquy_domain::{CONVERSATION_CATEGORY, ConversationEvent};
 use colloquy_eventstore::{Database, RecordedEvent};
 use uuid::Uuid;
 
-use crate::projection::{Conn, Projection, decode, distinct, rows_by_id};
+use crate::projection::{
+    Bind, Columns, Conn, Projection, decode_all, distinct, rows_by_id, write_rows,
+};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy)]
@@ -45,12 +47,7 @@ impl Projection for Search {
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()> {
-        let decoded: Vec<(Uuid, &RecordedEvent, ConversationEvent)> = events
-            .iter()
-            .filter_map(|e| {
-                decode::<ConversationEvent>(e, CONVERSATION_CATEGORY).map(|(id, d)| (id, e, d))
-            })
-            .collect();
+        let decoded = decode_all::<ConversationEvent>(events, CONVERSATION_CATEGORY);
         if decoded.is_empty() {
             return Ok(());
         }
@@ -167,7 +164,7 @@ impl Batch {
                 owner: self.owners[&id],
             })
             .collect();
-        save_conversations(conn, &conversations).await?;
+        save_conversations(conn, &conversations.iter().collect::<Vec<_>>()).await?;
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         for id in distinct(self.dirty_documents) {
@@ -177,7 +174,7 @@ impl Batch {
             }
         }
         save_documents(conn, &upserts).await?;
-        delete_documents(conn, &deletes).await?;
+        delete_documents(conn, &deletes.iter().collect::<Vec<_>>()).await?;
         Ok(())
     }
 }
@@ -210,100 +207,60 @@ async fn load_documents(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<Vec
     .await?)
 }
 
-async fn save_conversations(conn: &mut Conn<'_>, rows: &[ConversationRow]) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
+impl Columns for ConversationRow {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>) {
+        bind.column(|r| r.id);
+        bind.column(|r| r.owner);
     }
-    match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query(
-                "INSERT INTO conversations (id, owner)
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[])
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.owner).collect::<Vec<_>>())
-            .execute(&mut **conn)
-            .await?;
-        }
-        Conn::Sqlite(conn) => {
-            for r in rows {
-                sqlx::query(
-                    "INSERT INTO rm_search_conversations (id, owner) VALUES ($1, $2)
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(r.id)
-                .bind(r.owner)
-                .execute(&mut **conn)
-                .await?;
-            }
-        }
+}
+
+impl Columns for DocumentRow {
+    fn columns<'r>(bind: &mut impl Bind<'r, Self>) {
+        bind.column(|r| r.message_id);
+        bind.column(|r| r.conversation_id);
+        bind.column(|r| r.owner);
+        bind.column(|r| r.text.as_str());
+        bind.column(|r| r.created_at);
     }
-    Ok(())
+}
+
+async fn save_conversations(conn: &mut Conn<'_>, rows: &[&ConversationRow]) -> anyhow::Result<()> {
+    Ok(write_rows(
+        conn,
+        "INSERT INTO conversations (id, owner)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[])
+         ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO rm_search_conversations (id, owner) VALUES ($1, $2)
+         ON CONFLICT (id) DO NOTHING",
+        rows,
+    )
+    .await?)
 }
 
 async fn save_documents(conn: &mut Conn<'_>, rows: &[&DocumentRow]) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query(
-                "INSERT INTO documents (message_id, conversation_id, owner, text, created_at)
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[],
-                                      $5::timestamptz[])
-                 ON CONFLICT (message_id) DO UPDATE SET text = excluded.text",
-            )
-            .bind(rows.iter().map(|r| r.message_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.conversation_id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.owner).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.text.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-            .execute(&mut **conn)
-            .await?;
-        }
-        Conn::Sqlite(conn) => {
-            for r in rows {
-                sqlx::query(
-                    "INSERT INTO rm_search_documents
-                            (message_id, conversation_id, owner, text, created_at)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (message_id) DO UPDATE SET text = excluded.text",
-                )
-                .bind(r.message_id)
-                .bind(r.conversation_id)
-                .bind(r.owner)
-                .bind(&r.text)
-                .bind(r.created_at)
-                .execute(&mut **conn)
-                .await?;
-            }
-        }
-    }
-    Ok(())
+    Ok(write_rows(
+        conn,
+        "INSERT INTO documents (message_id, conversation_id, owner, text, created_at)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[],
+                              $5::timestamptz[])
+         ON CONFLICT (message_id) DO UPDATE SET text = excluded.text",
+        "INSERT INTO rm_search_documents
+                (message_id, conversation_id, owner, text, created_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (message_id) DO UPDATE SET text = excluded.text",
+        rows,
+    )
+    .await?)
 }
 
-async fn delete_documents(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query("DELETE FROM documents WHERE message_id = ANY($1)")
-                .bind(ids)
-                .execute(&mut **conn)
-                .await?;
-        }
-        Conn::Sqlite(conn) => {
-            for id in ids {
-                sqlx::query("DELETE FROM rm_search_documents WHERE message_id = $1")
-                    .bind(id)
-                    .execute(&mut **conn)
-                    .await?;
-            }
-        }
-    }
-    Ok(())
+async fn delete_documents(conn: &mut Conn<'_>, ids: &[&Uuid]) -> anyhow::Result<()> {
+    Ok(write_rows(
+        conn,
+        "DELETE FROM documents WHERE message_id = ANY($1)",
+        "DELETE FROM rm_search_documents WHERE message_id = $1",
+        ids,
+    )
+    .await?)
 }
 
 /// One search hit.
