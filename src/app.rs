@@ -27,7 +27,7 @@ use colloquy_gemini_agent::budget::{
     BudgetStore, KvBudgetConfig, KvBudgetStore, MemoryBudgetStore,
 };
 use colloquy_gemini_agent::clock::SystemClock;
-use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig};
+use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig, RetryTimeouts};
 use colloquy_gemini_agent::keys::KeyPool;
 use colloquy_gemini_agent::worker::{
     Agent, AgentSettings, BoxError, Checkpoint, DueRuns, Transport,
@@ -391,6 +391,11 @@ impl Application {
                 concurrency: settings.agent_concurrency,
                 default_model: settings.gemini_model.clone(),
                 retry_delays: RetrySchedule::new(self.config.retry_delays.clone()),
+                retry_timeouts: if settings.gemini_retry_timeouts {
+                    RetryTimeouts::Yes
+                } else {
+                    RetryTimeouts::No
+                },
                 ..AgentSettings::default()
             },
         ))

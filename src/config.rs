@@ -46,6 +46,7 @@ pub const KEYS: &[&str] = &[
     "GEMINI_RPM",
     "GEMINI_RPD",
     "GEMINI_TPM",
+    "GEMINI_RETRY_TIMEOUTS",
     "COLLOQUY_AGENT_CONCURRENCY",
     "COLLOQUY_RETRY_DELAYS",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -136,6 +137,10 @@ pub struct Settings {
     pub gemini_rpd: Option<u32>,
     #[serde(rename = "GEMINI_TPM", default)]
     pub gemini_tpm: Option<u32>,
+    /// Retry a call after a 504 or a time limit (within the attempt, like a 500); off by
+    /// default because such a call may have been billed.
+    #[serde(rename = "GEMINI_RETRY_TIMEOUTS", deserialize_with = "de_flag")]
+    pub gemini_retry_timeouts: bool,
     #[serde(rename = "COLLOQUY_AGENT_CONCURRENCY")]
     pub agent_concurrency: usize,
     /// Escalating delays before a run is retried, e.g. `1m,10m,1h,1d`.
@@ -180,6 +185,7 @@ impl Default for Settings {
             gemini_rpm: None,
             gemini_rpd: None,
             gemini_tpm: None,
+            gemini_retry_timeouts: false,
             agent_concurrency: 4,
             retry_delays: "1m,10m,1h,1d".into(),
             otel_endpoint: None,
@@ -512,6 +518,24 @@ mod tests {
         }
         let err = load(&[("COLLOQUY_BIND", "nowhere")]).unwrap_err();
         assert!(err.to_string().contains("COLLOQUY_BIND"), "{err}");
+    }
+
+    #[test]
+    fn retrying_timeouts_is_a_flag_off_by_default() {
+        assert!(!load(&[]).unwrap().settings.gemini_retry_timeouts);
+        for (value, expected) in [
+            ("true", true),
+            ("1", true),
+            ("on", true),
+            ("false", false),
+            ("0", false),
+            ("", false),
+        ] {
+            let config = load(&[("GEMINI_RETRY_TIMEOUTS", value)]).unwrap();
+            assert_eq!(config.settings.gemini_retry_timeouts, expected, "{value:?}");
+        }
+        let err = load(&[("GEMINI_RETRY_TIMEOUTS", "sometimes")]).unwrap_err();
+        assert!(err.to_string().contains("GEMINI_RETRY_TIMEOUTS"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The Gemini agent end to end, against the project's fake Gemini: the chat loop
 //! through the gateway (send with `run_agent` → tokens over SSE → `completed` → the
 //! reply in the messages read model), the second turn's history, failures that are
-//! not retried, retries within an attempt, another project after a 429, cancellation,
-//! no keys, and a redelivered request after completion.
+//! not retried, retries within an attempt, 504s retried only when configured, another
+//! project after a 429, cancellation, no keys, and a redelivered request after
+//! completion.
 
 use std::time::Duration;
 
@@ -256,6 +257,39 @@ async fn transient_failures_are_retried_within_the_attempt_with_a_reset() {
         .filter(|m| m["run_id"] == run_id.as_str())
         .collect();
     assert_eq!(replies.len(), 1, "one reply, however many tries");
+}
+
+#[tokio::test]
+async fn a_504_fails_the_run_unless_retrying_timeouts_is_set() {
+    for retry_timeouts in [false, true] {
+        let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+            .await
+            .unwrap();
+        fake.push_fault(Fault::DeadlineExceeded);
+        let base_url = fake.base_url();
+        let app = spawn_app_with(move |settings| {
+            settings.gemini_base_url = base_url;
+            settings.gemini_api_keys = Some(SecretString::from("main=fake-key-1@proj-a"));
+            settings.gemini_retry_timeouts = retry_timeouts;
+        })
+        .await;
+        let user = app.register_and_login().await;
+        let conversation = app.create_conversation(&user).await;
+        let (_, mut events) = ask(&app, &user, &conversation, "take your time").await;
+        let (outcome, _) = outcome(&mut events).await;
+        if retry_timeouts {
+            assert_eq!(outcome.event.as_deref(), Some("completed"), "{outcome:?}");
+            assert_eq!(outcome.json()["text"], "echo: take your time");
+            assert_eq!(generation_calls(&fake), 2, "the 504 was retried once");
+        } else {
+            assert_eq!(outcome.event.as_deref(), Some("failed"), "{outcome:?}");
+            assert_eq!(
+                generation_calls(&fake),
+                1,
+                "a 504 may be billed: not retried"
+            );
+        }
+    }
 }
 
 #[tokio::test]
