@@ -52,10 +52,7 @@ pub(crate) async fn apply_batch_in_schema(
     events: &[RecordedEvent],
 ) -> anyhow::Result<GlobalPosition> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(schema)
-        .execute(&mut *tx)
-        .await?;
+    lock_schema(&mut tx, schema).await?;
     set_schema(&mut tx, schema).await?;
     let position = apply_fresh(&mut Conn::Postgres(&mut tx), projection, events).await?;
     tx.commit().await?;
@@ -130,6 +127,16 @@ pub(crate) async fn set_checkpoint_in(
             .await?;
         }
     }
+    Ok(())
+}
+
+/// Takes the lock on `schema`'s name for the rest of the transaction (batches into
+/// that schema, and a rebuild's swap or a verify's comparison, take turns under it).
+pub(crate) async fn lock_schema(conn: &mut sqlx::PgConnection, schema: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

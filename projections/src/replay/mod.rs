@@ -19,9 +19,11 @@ mod sqlite;
 
 use std::sync::Arc;
 
-use colloquy_eventstore::{Database, EventStore, GlobalPosition};
+use colloquy_eventstore::{Database, EventStore, GlobalPosition, LogFilter};
+use sqlx::{PgPool, SqliteConnection};
 
 use crate::projection::Projection;
+use crate::runner::BATCH;
 
 /// Progress callback: (position reached, head when the rebuild started).
 pub type Progress<'a> = &'a (dyn Fn(GlobalPosition, GlobalPosition) + Send + Sync);
@@ -56,6 +58,74 @@ impl Difference {
             },
         }
     }
+}
+
+/// The scratch copy a rebuild of `projection` fills (on Postgres its schema, on SQLite
+/// the name it is registered under).
+fn rebuild_scratch(projection: &dyn Projection) -> String {
+    format!("{}__rebuild", projection.schema())
+}
+
+/// The scratch copy a verify of `projection` fills.
+fn verify_scratch(projection: &dyn Projection) -> String {
+    format!("{}__verify", projection.schema())
+}
+
+/// Where a rebuild or verify writes its copy.
+enum Target<'a> {
+    /// A scratch schema, written batch by batch in transactions of the pool's.
+    Postgres { pool: &'a PgPool, schema: &'a str },
+    /// The connection holding the TEMP tables.
+    Sqlite(&'a mut SqliteConnection),
+}
+
+impl Target<'_> {
+    /// Applies a batch to the copy, with its checkpoint.
+    async fn apply(
+        &mut self,
+        projection: &dyn Projection,
+        events: &[colloquy_eventstore::RecordedEvent],
+    ) -> anyhow::Result<GlobalPosition> {
+        match self {
+            Self::Postgres { pool, schema } => {
+                crate::runner::apply_batch_in_schema(pool, projection, schema, events).await
+            }
+            Self::Sqlite(conn) => sqlite::apply_to_scratch(conn, projection, events).await,
+        }
+    }
+}
+
+/// Projects the log after `from` (the copy's checkpoint) into the copy until its
+/// checkpoint reaches `until`, reading the next page while applying this one.
+async fn fill(
+    mut target: Target<'_>,
+    store: &Arc<dyn EventStore>,
+    projection: &dyn Projection,
+    from: GlobalPosition,
+    until: GlobalPosition,
+    progress: Progress<'_>,
+) -> anyhow::Result<GlobalPosition> {
+    let mut position = from;
+    let page = |after: GlobalPosition| {
+        let store = Arc::clone(store);
+        async move {
+            let mut events = store.read_log(&LogFilter::All, after, BATCH * 10).await?;
+            events.retain(|e| e.global_position <= until);
+            Ok::<_, colloquy_eventstore::StoreError>(events)
+        }
+    };
+    let mut events = page(position).await?;
+    while position < until {
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            break;
+        };
+        let (applied, next) = tokio::join!(target.apply(projection, &events), page(last));
+        applied?;
+        events = next?;
+        position = last;
+        progress(position, until);
+    }
+    Ok(position)
 }
 
 /// Whether a rebuild of `projection` is running now: on Postgres in any process

@@ -17,19 +17,14 @@ use colloquy_eventstore::{EventStore, GlobalPosition, LogFilter};
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row};
 
-use super::{AlreadyRunning, Difference, Progress};
+use super::{AlreadyRunning, Difference, Progress, Target, rebuild_scratch, verify_scratch};
 use crate::projection::{Conn, Projection};
-use crate::runner::{BATCH, apply_batch_in_schema, apply_fresh, check_schema};
+use crate::runner::{BATCH, apply_fresh, check_schema, lock_schema};
 
 /// The first key of the advisory locks on scratch schemas (the second is the hash of
 /// the scratch schema's name); a constant of its own keeps them apart from the
 /// single-key locks the runners take.
 const SCRATCH_LOCK: i32 = 0x636F_6C71;
-
-/// The scratch schema a rebuild of `projection` fills.
-fn rebuild_scratch(projection: &dyn Projection) -> String {
-    format!("{}__rebuild", projection.schema())
-}
 
 /// Takes the scratch schema's lock, or fails with [`AlreadyRunning`]. The lock lives
 /// as long as the returned connection, which is closed (not returned to the pool) when
@@ -95,7 +90,7 @@ async fn create_scratch(
     Ok(())
 }
 
-/// Projects the log into `scratch` until its checkpoint reaches `until`.
+/// Projects the log into `scratch` from its checkpoint until that reaches `until`.
 async fn fill(
     pool: &PgPool,
     store: &Arc<dyn EventStore>,
@@ -104,31 +99,12 @@ async fn fill(
     until: GlobalPosition,
     progress: Progress<'_>,
 ) -> anyhow::Result<GlobalPosition> {
-    let mut position = checkpoint(pool, scratch).await?;
-    // Reading the next page overlaps with applying this one.
-    let page = |after: GlobalPosition| {
-        let store = Arc::clone(store);
-        async move {
-            let mut events = store.read_log(&LogFilter::All, after, BATCH * 10).await?;
-            events.retain(|e| e.global_position <= until);
-            Ok::<_, colloquy_eventstore::StoreError>(events)
-        }
+    let from = checkpoint(pool, scratch).await?;
+    let target = Target::Postgres {
+        pool,
+        schema: scratch,
     };
-    let mut events = page(position).await?;
-    while position < until {
-        let Some(last) = events.last().map(|e| e.global_position) else {
-            break;
-        };
-        let (applied, next) = tokio::join!(
-            apply_batch_in_schema(pool, projection, scratch, &events),
-            page(last)
-        );
-        applied?;
-        events = next?;
-        position = last;
-        progress(position, until);
-    }
-    Ok(position)
+    super::fill(target, store, projection, from, until, progress).await
 }
 
 /// Rebuilds `projection` from the log and swaps the result in. Returns the position
@@ -153,10 +129,7 @@ pub(super) async fn rebuild(
     // The swap: hold the live projection's lock, bring the scratch copy up to the log's
     // head (a short tail), then rename. Queries keep being served throughout.
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(live)
-        .execute(&mut *tx)
-        .await?;
+    lock_schema(&mut tx, live).await?;
     let mut position = checkpoint(pool, &scratch).await?;
     crate::runner::set_schema(&mut tx, &scratch).await?;
     loop {
@@ -189,7 +162,7 @@ pub(super) async fn verify(
     progress: Progress<'_>,
 ) -> anyhow::Result<Vec<Difference>> {
     let live = projection.schema();
-    let scratch = format!("{live}__verify");
+    let scratch = verify_scratch(projection);
     let _lock = lock_scratch(pool, projection, &scratch).await?;
     create_scratch(pool, projection, &scratch).await?;
     let target = checkpoint(pool, live).await?;
@@ -198,10 +171,7 @@ pub(super) async fn verify(
     // Compare under the live lock, after bringing the copy to the live checkpoint
     // (which may have moved while the copy was filled).
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(live)
-        .execute(&mut *tx)
-        .await?;
+    lock_schema(&mut tx, live).await?;
     let live_position: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT position FROM \"{live}\".checkpoint"
     )))

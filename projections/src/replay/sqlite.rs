@@ -28,7 +28,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Connection as _, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
-use super::{AlreadyRunning, Difference, Progress};
+use super::{AlreadyRunning, Difference, Progress, Target, fill, rebuild_scratch, verify_scratch};
 use crate::projection::{Conn, Projection};
 use crate::runner::{BATCH, apply_fresh, check_schema, sqlite_checkpoint};
 
@@ -58,10 +58,6 @@ fn running_key(pool: &SqlitePool, scratch: &str) -> String {
         "{}\n{scratch}",
         pool.connect_options().get_filename().display()
     )
-}
-
-fn rebuild_scratch(projection: &dyn Projection) -> String {
-    format!("{}__rebuild", projection.schema())
 }
 
 /// Registers the scratch copy, or fails with [`AlreadyRunning`].
@@ -167,7 +163,7 @@ async fn scratch(pool: &SqlitePool, projection: &dyn Projection) -> anyhow::Resu
 
 /// Applies a batch to the scratch copy (a deferred transaction: only TEMP tables are
 /// written, so the database's write lock is not taken).
-async fn apply_to_scratch(
+pub(super) async fn apply_to_scratch(
     conn: &mut SqliteConnection,
     projection: &dyn Projection,
     events: &[RecordedEvent],
@@ -175,41 +171,6 @@ async fn apply_to_scratch(
     let mut tx = conn.begin().await?;
     let position = apply_fresh(&mut Conn::Sqlite(&mut tx), projection, events).await?;
     tx.commit().await?;
-    Ok(position)
-}
-
-/// Projects the log into the scratch copy until its checkpoint reaches `until`,
-/// reading the next page while applying this one.
-async fn fill(
-    scratch: &mut Scratch,
-    store: &Arc<dyn EventStore>,
-    projection: &dyn Projection,
-    until: GlobalPosition,
-    progress: Progress<'_>,
-) -> anyhow::Result<GlobalPosition> {
-    let mut position = 0;
-    let page = |after: GlobalPosition| {
-        let store = Arc::clone(store);
-        async move {
-            let mut events = store.read_log(&LogFilter::All, after, BATCH * 10).await?;
-            events.retain(|e| e.global_position <= until);
-            Ok::<_, colloquy_eventstore::StoreError>(events)
-        }
-    };
-    let mut events = page(position).await?;
-    while position < until {
-        let Some(last) = events.last().map(|e| e.global_position) else {
-            break;
-        };
-        let (applied, next) = tokio::join!(
-            apply_to_scratch(&mut scratch.conn, projection, &events),
-            page(last)
-        );
-        applied?;
-        events = next?;
-        position = last;
-        progress(position, until);
-    }
     Ok(position)
 }
 
@@ -249,7 +210,15 @@ pub(super) async fn rebuild(
     let _running = hold(pool, projection, &rebuild_scratch(projection))?;
     let mut scratch = scratch(pool, projection).await?;
     let head = store.head().await?;
-    fill(&mut scratch, store, projection, head, progress).await?;
+    fill(
+        Target::Sqlite(&mut scratch.conn),
+        store,
+        projection,
+        0,
+        head,
+        progress,
+    )
+    .await?;
 
     // The swap, under the write lock: the tail, then the copy over the live rows.
     let mut tx = scratch.conn.begin_with("BEGIN IMMEDIATE").await?;
@@ -273,11 +242,19 @@ pub(super) async fn verify(
     progress: Progress<'_>,
 ) -> anyhow::Result<Vec<Difference>> {
     let schema = projection.schema();
-    let _running = hold(pool, projection, &format!("{schema}__verify"))?;
+    let _running = hold(pool, projection, &verify_scratch(projection))?;
     let mut scratch = scratch(pool, projection).await?;
     let checkpoint = sqlite_checkpoint(schema)?;
     let target = crate::runner::read_checkpoint(&pool.clone().into(), schema).await?;
-    fill(&mut scratch, store, projection, target, progress).await?;
+    fill(
+        Target::Sqlite(&mut scratch.conn),
+        store,
+        projection,
+        0,
+        target,
+        progress,
+    )
+    .await?;
 
     // Compare in one read transaction (one snapshot of the live tables), after bringing
     // the copy to the live checkpoint of that snapshot.
