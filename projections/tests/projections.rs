@@ -24,7 +24,7 @@ use colloquy_domain::{
 use colloquy_eventstore::{
     Database, EventStore, LogFilter, PgEventStore, PgOptions, RecordedEvent, SqliteEventStore,
 };
-use colloquy_projections::replay::{AlreadyRunning, is_rebuilding, rebuild, verify};
+use colloquy_projections::replay::{AlreadyRunning, Difference, is_rebuilding, rebuild, verify};
 use colloquy_projections::runner::{apply_batch, read_checkpoint};
 use colloquy_projections::search::{Hit, search};
 use colloquy_projections::wait::wait_for_position;
@@ -583,6 +583,11 @@ async fn appended_events_reach_each_read_model(w: World) {
     );
 }
 
+/// The first page (ten hits) of `owner`'s search for `query` in all conversations.
+async fn find(db: &Database, owner: Uuid, query: &str) -> Vec<Hit> {
+    search(db, owner, query, None, 10, 0).await.unwrap()
+}
+
 /// Message ids of hits, sorted.
 fn ids(hits: &[Hit]) -> Vec<Uuid> {
     let mut ids: Vec<Uuid> = hits.iter().map(|h| h.message_id).collect();
@@ -594,7 +599,7 @@ async fn search_finds_only_the_callers_current_text(w: World) {
     let (id, _) = workload(&w).await;
     catch_up_all(&w).await;
     let owner = w.owner.as_uuid();
-    let hits = search(&w.db, owner, "fox", None, 10, 0).await.unwrap();
+    let hits = find(&w.db, owner, "fox").await;
     // The edited message, the question and the reply ("foxes" stems to "fox").
     assert_eq!(hits.len(), 3, "{hits:?}");
     assert!(
@@ -610,40 +615,24 @@ async fn search_finds_only_the_callers_current_text(w: World) {
         "best first: {hits:?}"
     );
     assert!(
-        search(&w.db, owner, "brown", None, 10, 0)
-            .await
-            .unwrap()
-            .is_empty(),
+        find(&w.db, owner, "brown").await.is_empty(),
         "re-indexed after the edit"
     );
     assert!(
-        search(&w.db, owner, "delete", None, 10, 0)
-            .await
-            .unwrap()
-            .is_empty(),
+        find(&w.db, owner, "delete").await.is_empty(),
         "deleted messages leave"
     );
-    let phrase = search(&w.db, owner, "\"lazy dog\" -cat", None, 10, 0)
-        .await
-        .unwrap();
+    let phrase = find(&w.db, owner, "\"lazy dog\" -cat").await;
     assert_eq!(phrase.len(), 1);
     assert!(
-        search(&w.db, owner, "\"dog lazy\"", None, 10, 0)
-            .await
-            .unwrap()
-            .is_empty(),
+        find(&w.db, owner, "\"dog lazy\"").await.is_empty(),
         "a phrase keeps its order"
     );
     assert!(
-        search(&w.db, owner, "lazy -dog", None, 10, 0)
-            .await
-            .unwrap()
-            .is_empty(),
+        find(&w.db, owner, "lazy -dog").await.is_empty(),
         "an excluded word excludes"
     );
-    let either = search(&w.db, owner, "berries or lazy", None, 10, 0)
-        .await
-        .unwrap();
+    let either = find(&w.db, owner, "berries or lazy").await;
     assert_eq!(either.len(), 2);
     // Narrowed to one conversation, and paged.
     assert_eq!(
@@ -685,9 +674,7 @@ async fn search_takes_any_input_safely(w: World) {
         let hits = search(&w.db, w.owner.as_uuid(), input, None, 10, 0).await;
         assert!(hits.is_ok(), "{input:?}: {hits:?}");
     }
-    let hits = search(&w.db, w.owner.as_uuid(), "NEAR(fox", None, 10, 0)
-        .await
-        .unwrap();
+    let hits = find(&w.db, w.owner.as_uuid(), "NEAR(fox").await;
     assert!(
         hits.is_empty(),
         "near is a word here, and no message has it"
@@ -713,6 +700,13 @@ async fn redelivered_events_change_nothing(w: World) {
         );
     }
     assert_eq!(dump(&w.db).await, snapshot);
+}
+
+/// What a verify of `projection` finds.
+async fn differences(w: &World, projection: &dyn Projection) -> Vec<Difference> {
+    verify(&w.db, &w.store, projection, &|_, _| {})
+        .await
+        .unwrap()
 }
 
 /// Applies events in a transaction that is never committed (a process killed mid-batch).
@@ -760,9 +754,7 @@ async fn a_batch_killed_before_commit_leaves_nothing_and_the_restart_equals_a_re
         .catch_up(None)
         .await
         .unwrap();
-    let differences = verify(&w.db, &w.store, messages.as_ref(), &|_, _| {})
-        .await
-        .unwrap();
+    let differences = differences(&w, messages.as_ref()).await;
     assert!(differences.is_empty(), "{differences:?}");
 }
 
@@ -771,9 +763,7 @@ async fn verify_reports_a_tampered_row_and_nothing_after_a_clean_run(w: World) {
     dead_letter_revived(&w).await;
     catch_up_all(&w).await;
     for projection in all_projections() {
-        let differences = verify(&w.db, &w.store, projection.as_ref(), &|_, _| {})
-            .await
-            .unwrap();
+        let differences = differences(&w, projection.as_ref()).await;
         assert!(
             differences.is_empty(),
             "{}: {differences:?}",
@@ -796,40 +786,19 @@ async fn verify_reports_a_tampered_row_and_nothing_after_a_clean_run(w: World) {
         id.as_uuid(),
     )
     .await;
-    let messages = verify(
-        &w.db,
-        &w.store,
-        by_name("messages").unwrap().as_ref(),
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    let messages = differences(&w, by_name("messages").unwrap().as_ref()).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(
         (messages[0].table.as_str(), messages[0].kind),
         ("conversations", "changed")
     );
     assert_eq!(messages[0].key, id.as_uuid().to_string());
-    let searched = verify(
-        &w.db,
-        &w.store,
-        by_name("search").unwrap().as_ref(),
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    let searched = differences(&w, by_name("search").unwrap().as_ref()).await;
     assert_eq!(searched.len(), 4, "{searched:?}");
     assert!(searched.iter().all(|d| d.kind == "missing"), "{searched:?}");
     // A verify changes nothing.
     let after = dump(&w.db).await;
-    verify(
-        &w.db,
-        &w.store,
-        by_name("search").unwrap().as_ref(),
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    differences(&w, by_name("search").unwrap().as_ref()).await;
     assert_eq!(dump(&w.db).await, after);
 }
 
@@ -970,35 +939,20 @@ async fn a_rebuild_swaps_in_while_queries_are_served_and_the_live_runner_continu
             .count(),
         1
     );
-    assert!(
-        verify(&w.db, &w.store, messages.as_ref(), &|_, _| {})
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(differences(&w, messages.as_ref()).await.is_empty());
 }
 
 async fn after_erasure_and_a_rebuild_the_text_is_gone_from_every_read_model(w: World) {
     workload(&w).await;
     catch_up_all(&w).await;
-    assert!(
-        !search(&w.db, w.owner.as_uuid(), "fox", None, 10, 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(!find(&w.db, w.owner.as_uuid(), "fox").await.is_empty());
     w.commands.forget_user(w.owner).await.unwrap();
     for projection in all_projections() {
         rebuild(&w.db, &w.store, projection.as_ref(), &|_, _| {})
             .await
             .unwrap();
     }
-    assert!(
-        search(&w.db, w.owner.as_uuid(), "fox", None, 10, 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(find(&w.db, w.owner.as_uuid(), "fox").await.is_empty());
     let all = format!("{:?}", dump(&w.db).await);
     assert!(
         !all.contains("quick red fox") && !all.contains("berries"),
@@ -1015,7 +969,7 @@ async fn after_erasure_and_a_rebuild_the_text_is_gone_from_every_read_model(w: W
         .find(|c| c.owner != w.owner.as_uuid())
         .unwrap()
         .owner;
-    let theirs = search(&w.db, other, "fox", None, 10, 0).await.unwrap();
+    let theirs = find(&w.db, other, "fox").await;
     assert_eq!(theirs.len(), 1, "the other user still finds their own");
     if let Database::Sqlite(pool) = &w.db {
         // The swapped-in FTS5 index matches its documents.
