@@ -370,7 +370,7 @@ impl Columns for ConversationRow {
 }
 
 async fn save_messages(conn: &mut Conn<'_>, rows: &[&MessageRow]) -> anyhow::Result<()> {
-    Ok(write_rows(
+    write_rows(
         conn,
         concat!(
             "INSERT INTO messages (",
@@ -389,11 +389,11 @@ async fn save_messages(conn: &mut Conn<'_>, rows: &[&MessageRow]) -> anyhow::Res
         ),
         rows,
     )
-    .await?)
+    .await
 }
 
 async fn save_conversations(conn: &mut Conn<'_>, rows: &[&ConversationRow]) -> anyhow::Result<()> {
-    Ok(write_rows(
+    write_rows(
         conn,
         concat!(
             "INSERT INTO conversations (",
@@ -412,7 +412,7 @@ async fn save_conversations(conn: &mut Conn<'_>, rows: &[&ConversationRow]) -> a
         ),
         rows,
     )
-    .await?)
+    .await
 }
 
 /// The preview is the newest message still shown.

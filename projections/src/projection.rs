@@ -128,7 +128,7 @@ pub(crate) async fn rows_by_id<T>(
     postgres: &'static str,
     sqlite: &'static str,
     ids: &[uuid::Uuid],
-) -> Result<Vec<T>, sqlx::Error>
+) -> anyhow::Result<Vec<T>>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
         + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
@@ -139,12 +139,10 @@ where
         return Ok(Vec::new());
     }
     match conn {
-        Conn::Postgres(conn) => {
-            sqlx::query_as(postgres)
-                .bind(ids)
-                .fetch_all(&mut **conn)
-                .await
-        }
+        Conn::Postgres(conn) => Ok(sqlx::query_as(postgres)
+            .bind(ids)
+            .fetch_all(&mut **conn)
+            .await?),
         Conn::Sqlite(conn) => {
             let mut rows = Vec::with_capacity(ids.len());
             for id in ids {
@@ -243,7 +241,7 @@ pub(crate) async fn write_rows<R: Columns>(
     postgres: &'static str,
     sqlite: &'static str,
     rows: &[&R],
-) -> Result<(), sqlx::Error> {
+) -> anyhow::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }

@@ -177,7 +177,7 @@ macro_rules! run_columns {
 }
 
 async fn load(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<Vec<RunRow>> {
-    Ok(rows_by_id(
+    rows_by_id(
         conn,
         concat!("SELECT ", run_columns!(), " FROM runs WHERE id = ANY($1)"),
         concat!(
@@ -187,7 +187,7 @@ async fn load(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<Vec<RunRow>> 
         ),
         ids,
     )
-    .await?)
+    .await
 }
 
 macro_rules! run_updates {
@@ -225,7 +225,7 @@ impl Columns for RunRow {
 }
 
 async fn save(conn: &mut Conn<'_>, rows: &[&RunRow]) -> anyhow::Result<()> {
-    Ok(write_rows(
+    write_rows(
         conn,
         concat!(
             "INSERT INTO runs (",
@@ -246,5 +246,5 @@ async fn save(conn: &mut Conn<'_>, rows: &[&RunRow]) -> anyhow::Result<()> {
         ),
         rows,
     )
-    .await?)
+    .await
 }

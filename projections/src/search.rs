@@ -186,17 +186,17 @@ async fn load_conversations(
     conn: &mut Conn<'_>,
     ids: &[Uuid],
 ) -> anyhow::Result<Vec<ConversationRow>> {
-    Ok(rows_by_id(
+    rows_by_id(
         conn,
         "SELECT id, owner FROM conversations WHERE id = ANY($1)",
         "SELECT id, owner FROM rm_search_conversations WHERE id = $1",
         ids,
     )
-    .await?)
+    .await
 }
 
 async fn load_documents(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<Vec<DocumentRow>> {
-    Ok(rows_by_id(
+    rows_by_id(
         conn,
         "SELECT message_id, conversation_id, owner, text, created_at
            FROM documents WHERE message_id = ANY($1)",
@@ -204,7 +204,7 @@ async fn load_documents(conn: &mut Conn<'_>, ids: &[Uuid]) -> anyhow::Result<Vec
            FROM rm_search_documents WHERE message_id = $1",
         ids,
     )
-    .await?)
+    .await
 }
 
 impl Columns for ConversationRow {
@@ -225,7 +225,7 @@ impl Columns for DocumentRow {
 }
 
 async fn save_conversations(conn: &mut Conn<'_>, rows: &[&ConversationRow]) -> anyhow::Result<()> {
-    Ok(write_rows(
+    write_rows(
         conn,
         "INSERT INTO conversations (id, owner)
          SELECT * FROM unnest($1::uuid[], $2::uuid[])
@@ -234,11 +234,11 @@ async fn save_conversations(conn: &mut Conn<'_>, rows: &[&ConversationRow]) -> a
          ON CONFLICT (id) DO NOTHING",
         rows,
     )
-    .await?)
+    .await
 }
 
 async fn save_documents(conn: &mut Conn<'_>, rows: &[&DocumentRow]) -> anyhow::Result<()> {
-    Ok(write_rows(
+    write_rows(
         conn,
         "INSERT INTO documents (message_id, conversation_id, owner, text, created_at)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[],
@@ -250,17 +250,17 @@ async fn save_documents(conn: &mut Conn<'_>, rows: &[&DocumentRow]) -> anyhow::R
          ON CONFLICT (message_id) DO UPDATE SET text = excluded.text",
         rows,
     )
-    .await?)
+    .await
 }
 
 async fn delete_documents(conn: &mut Conn<'_>, ids: &[&Uuid]) -> anyhow::Result<()> {
-    Ok(write_rows(
+    write_rows(
         conn,
         "DELETE FROM documents WHERE message_id = ANY($1)",
         "DELETE FROM rm_search_documents WHERE message_id = $1",
         ids,
     )
-    .await?)
+    .await
 }
 
 /// One search hit.

@@ -363,6 +363,41 @@ async fn send(w: &World, id: ConversationId, owner: UserId, text: &str) -> Messa
     message
 }
 
+/// The owner sends `text` to conversation `id` with a run requested for it, and the
+/// run's first attempt starts.
+async fn ask_and_start(w: &World, id: ConversationId, text: &str) -> RunId {
+    let run = RunId::from_uuid(Uuid::new_v4());
+    let ctx = Context::new(w.owner);
+    w.commands
+        .process(
+            id,
+            run,
+            ProcessCommand::SendAndRequestRun(SendAndRequestRun {
+                message_id: MessageId::from_uuid(Uuid::new_v4()),
+                by: w.owner,
+                text: MessageText::parse(text.into()).unwrap(),
+                run_id: run,
+                model: None,
+                instructions: None,
+            }),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    w.commands
+        .run(
+            run,
+            RunCommand::Start {
+                attempt: 1,
+                key_label: "main".into(),
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    run
+}
+
 /// A mixed workload: conversations, messages, edits, deletions, a completed run.
 async fn workload(w: &World) -> (ConversationId, RunId) {
     let id = start(w, w.owner, "Plans").await;
@@ -392,34 +427,7 @@ async fn workload(w: &World) -> (ConversationId, RunId) {
         )
         .await
         .unwrap();
-    let run = RunId::from_uuid(Uuid::new_v4());
-    w.commands
-        .process(
-            id,
-            run,
-            ProcessCommand::SendAndRequestRun(SendAndRequestRun {
-                message_id: MessageId::from_uuid(Uuid::new_v4()),
-                by: w.owner,
-                text: MessageText::parse("what do foxes eat?".into()).unwrap(),
-                run_id: run,
-                model: None,
-                instructions: None,
-            }),
-            &Context::new(w.owner),
-        )
-        .await
-        .unwrap();
-    w.commands
-        .run(
-            run,
-            RunCommand::Start {
-                attempt: 1,
-                key_label: "main".into(),
-            },
-            &Context::new(w.owner),
-        )
-        .await
-        .unwrap();
+    let run = ask_and_start(w, id, "what do foxes eat?").await;
     w.commands
         .process(
             id,
@@ -449,35 +457,8 @@ async fn workload(w: &World) -> (ConversationId, RunId) {
 /// A run that fails into a dead letter and is revived: `(conversation, run)`.
 async fn dead_letter_revived(w: &World) -> (ConversationId, RunId) {
     let id = start(w, w.owner, "Revived").await;
-    let run = RunId::from_uuid(Uuid::new_v4());
+    let run = ask_and_start(w, id, "anyone?").await;
     let ctx = Context::new(w.owner);
-    w.commands
-        .process(
-            id,
-            run,
-            ProcessCommand::SendAndRequestRun(SendAndRequestRun {
-                message_id: MessageId::from_uuid(Uuid::new_v4()),
-                by: w.owner,
-                text: MessageText::parse("anyone?".into()).unwrap(),
-                run_id: run,
-                model: None,
-                instructions: None,
-            }),
-            &ctx,
-        )
-        .await
-        .unwrap();
-    w.commands
-        .run(
-            run,
-            RunCommand::Start {
-                attempt: 1,
-                key_label: "main".into(),
-            },
-            &ctx,
-        )
-        .await
-        .unwrap();
     w.commands
         .process(
             id,

@@ -70,11 +70,14 @@ pub(super) async fn is_rebuilding(
     .await?)
 }
 
+/// Takes the scratch schema's lock ([`lock_scratch`]) and creates the schema afresh.
+/// Returns the lock.
 async fn create_scratch(
     pool: &PgPool,
     projection: &dyn Projection,
     scratch: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<PoolConnection<Postgres>> {
+    let lock = lock_scratch(pool, projection, scratch).await?;
     sqlx::query(AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS \"{scratch}\" CASCADE"
     )))
@@ -87,7 +90,7 @@ async fn create_scratch(
     .bind(scratch)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(lock)
 }
 
 /// Projects the log into `scratch` from its checkpoint until that reaches `until`.
@@ -121,8 +124,7 @@ pub(super) async fn rebuild(
 ) -> anyhow::Result<GlobalPosition> {
     let live = projection.schema();
     let scratch = rebuild_scratch(projection);
-    let _lock = lock_scratch(pool, projection, &scratch).await?;
-    create_scratch(pool, projection, &scratch).await?;
+    let _lock = create_scratch(pool, projection, &scratch).await?;
     let head = store.head().await?;
     fill(pool, store, projection, &scratch, head, progress).await?;
 
@@ -163,8 +165,7 @@ pub(super) async fn verify(
 ) -> anyhow::Result<Vec<Difference>> {
     let live = projection.schema();
     let scratch = verify_scratch(projection);
-    let _lock = lock_scratch(pool, projection, &scratch).await?;
-    create_scratch(pool, projection, &scratch).await?;
+    let _lock = create_scratch(pool, projection, &scratch).await?;
     let target = checkpoint(pool, live).await?;
     fill(pool, store, projection, &scratch, target, progress).await?;
 

@@ -86,6 +86,8 @@ pub(super) fn is_rebuilding(pool: &SqlitePool, projection: &dyn Projection) -> b
 /// A connection holding TEMP copies of a projection's tables.
 struct Scratch {
     conn: PoolConnection<Sqlite>,
+    /// Registered in [`RUNNING`] while it lives.
+    _running: Running,
     /// The projection's ordinary tables (the FTS5 index follows its content table
     /// through triggers), in creation order.
     tables: Vec<String>,
@@ -117,10 +119,16 @@ fn temp_ddl(sql: &str) -> anyhow::Result<String> {
     anyhow::bail!("BUG: cannot copy this read-model DDL into a scratch table: {sql}")
 }
 
-/// Opens a connection of its own and creates TEMP copies of every object of
-/// `projection` (tables, FTS5 index, indexes, triggers: those named `<schema>_…`,
-/// without the FTS5 index's own shadow tables), with the checkpoint at 0.
-async fn scratch(pool: &SqlitePool, projection: &dyn Projection) -> anyhow::Result<Scratch> {
+/// Registers the scratch copy `name` ([`hold`]), opens a connection of its own and
+/// creates TEMP copies of every object of `projection` (tables, FTS5 index, indexes,
+/// triggers: those named `<schema>_…`, without the FTS5 index's own shadow tables),
+/// with the checkpoint at 0.
+async fn scratch(
+    pool: &SqlitePool,
+    projection: &dyn Projection,
+    name: &str,
+) -> anyhow::Result<Scratch> {
+    let running = hold(pool, projection, name)?;
     let schema = projection.schema();
     check_schema(schema)?;
     let mut conn = pool.acquire().await?;
@@ -158,7 +166,11 @@ async fn scratch(pool: &SqlitePool, projection: &dyn Projection) -> anyhow::Resu
     .bind(Utc::now())
     .execute(&mut *conn)
     .await?;
-    Ok(Scratch { conn, tables })
+    Ok(Scratch {
+        conn,
+        _running: running,
+        tables,
+    })
 }
 
 /// Applies a batch to the scratch copy (a deferred transaction: only TEMP tables are
@@ -207,8 +219,7 @@ pub(super) async fn rebuild(
     projection: &dyn Projection,
     progress: Progress<'_>,
 ) -> anyhow::Result<GlobalPosition> {
-    let _running = hold(pool, projection, &rebuild_scratch(projection))?;
-    let mut scratch = scratch(pool, projection).await?;
+    let mut scratch = scratch(pool, projection, &rebuild_scratch(projection)).await?;
     let head = store.head().await?;
     fill(
         Target::Sqlite(&mut scratch.conn),
@@ -242,8 +253,7 @@ pub(super) async fn verify(
     progress: Progress<'_>,
 ) -> anyhow::Result<Vec<Difference>> {
     let schema = projection.schema();
-    let _running = hold(pool, projection, &verify_scratch(projection))?;
-    let mut scratch = scratch(pool, projection).await?;
+    let mut scratch = scratch(pool, projection, &verify_scratch(projection)).await?;
     let checkpoint = sqlite_checkpoint(schema)?;
     let target = crate::runner::read_checkpoint(&pool.clone().into(), schema).await?;
     fill(
