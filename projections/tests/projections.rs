@@ -595,24 +595,16 @@ async fn search_finds_only_the_callers_current_text(w: World) {
         hits.windows(2).all(|pair| pair[0].rank >= pair[1].rank),
         "best first: {hits:?}"
     );
-    assert!(
-        find(&w.db, owner, "brown").await.is_empty(),
-        "re-indexed after the edit"
-    );
-    assert!(
-        find(&w.db, owner, "delete").await.is_empty(),
-        "deleted messages leave"
-    );
+    for (query, why) in [
+        ("brown", "re-indexed after the edit"),
+        ("delete", "deleted messages leave"),
+        ("\"dog lazy\"", "a phrase keeps its order"),
+        ("lazy -dog", "an excluded word excludes"),
+    ] {
+        assert!(find(&w.db, owner, query).await.is_empty(), "{why}");
+    }
     let phrase = find(&w.db, owner, "\"lazy dog\" -cat").await;
     assert_eq!(phrase.len(), 1);
-    assert!(
-        find(&w.db, owner, "\"dog lazy\"").await.is_empty(),
-        "a phrase keeps its order"
-    );
-    assert!(
-        find(&w.db, owner, "lazy -dog").await.is_empty(),
-        "an excluded word excludes"
-    );
     let either = find(&w.db, owner, "berries or lazy").await;
     assert_eq!(either.len(), 2);
     // Narrowed to one conversation, and paged.
