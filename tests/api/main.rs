@@ -18,3 +18,4 @@ mod live;
 mod message_db;
 mod metrics;
 mod readme;
+mod slow_client;

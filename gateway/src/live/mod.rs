@@ -15,12 +15,15 @@
 //! sent: no gap, no duplicate. Heartbeat comments keep proxies from closing idle
 //! streams. A client that falls further behind than the hub's ring, and every stream
 //! at shutdown, ends with a `retry:` hint so that the browser reconnects (and resumes).
+//! Each stream follows the hub in a task of its own (`pump`), so a client that stops
+//! reading altogether is cut off too, instead of holding its place until it reads.
 
 mod hub;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -33,6 +36,7 @@ use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, oneshot};
 use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
@@ -45,6 +49,10 @@ use crate::routes::{parse_id, user_id};
 
 /// How many log events a resume reads at a time.
 const CATCH_UP_BATCH: usize = 500;
+/// Events queued for one client's connection ahead of what it has taken (`pump`).
+const SEND_QUEUE: usize = 16;
+/// How often a stream whose client takes nothing checks how far behind it is.
+const STALL_CHECK: Duration = Duration::from_millis(100);
 
 /// The routes of this module.
 pub(crate) fn routes() -> Router<GatewayState> {
@@ -247,10 +255,18 @@ async fn open(
         finished: false,
         _slot: slot,
     };
-    let stream = futures::stream::unfold(feed, |mut feed| async move {
-        let event = feed.next().await?;
-        Some((Ok::<_, Infallible>(event), feed))
-    });
+    // The feed is followed by a task of its own, not by the connection's writes: a client
+    // that stops reading is noticed and cut off (see `pump`) even though nothing polls
+    // its body any more.
+    let (queue, queued) = mpsc::channel(SEND_QUEUE);
+    let (last, last_event) = oneshot::channel();
+    tokio::spawn(pump(feed, queue, last));
+    let stream = futures::stream::unfold(queued, |mut queued| async move {
+        let event = queued.recv().await?;
+        Some((event, queued))
+    })
+    .chain(futures::stream::once(last_event).filter_map(|last| std::future::ready(last.ok())))
+    .map(Ok::<_, Infallible>);
     let keep_alive = KeepAlive::new().interval(hub.settings().heartbeat);
     let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
     // Ask buffering proxies (nginx) to pass events on as they come.
@@ -258,6 +274,43 @@ async fn open(
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// Moves one stream's events from its [`Feed`] to its connection, at most
+/// [`SEND_QUEUE`] ahead of what the connection has taken.
+///
+/// A client that reads nothing fills its socket, then the connection's buffers, then
+/// this queue; from then on it falls behind the hub's ring. Once it is further behind
+/// than the ring holds (`COLLOQUY_SSE_BUFFER` events), or the server shuts down, the
+/// stream ends: the feed (its ring receiver and its stream slot) is dropped at once,
+/// and the connection gets the events already queued, then a `retry:` hint, then the
+/// end of the response, whenever the client reads again. So a stuck client holds a
+/// bounded amount of memory (this queue, the connection's buffers) and no slot, and
+/// when it reads again it reconnects with `Last-Event-ID` and resumes from the log.
+async fn pump(mut feed: Feed, queue: mpsc::Sender<Event>, last: oneshot::Sender<Event>) {
+    loop {
+        let event = tokio::select! {
+            biased;
+            // The client went away.
+            () = queue.closed() => return,
+            event = feed.next() => event,
+        };
+        let Some(event) = event else { return };
+        let permit = tokio::select! {
+            biased;
+            permit = queue.reserve() => permit,
+            ending = feed.stalled() => {
+                tracing::info!(reason = %ending.1, "live: a stream whose client stopped reading is ended");
+                let _ = last.send(ending.0);
+                return;
+            }
+        };
+        let Ok(permit) = permit else { return };
+        permit.send(event);
+        if feed.finished {
+            return;
+        }
+    }
 }
 
 /// One client's stream: a resume from the log, then the hub.
@@ -419,6 +472,28 @@ impl Feed {
                     .and_then(Value::as_str)
                     .map(str::to_owned)
             })
+    }
+
+    /// Resolves while an event waits for the client to take it: once the client is
+    /// further behind the hub than the ring holds, or the hub closes. The stream's last
+    /// event, and why.
+    async fn stalled(&mut self) -> (Event, &'static str) {
+        let closed = self.hub.closed().clone();
+        let mut check = tokio::time::interval(STALL_CHECK);
+        loop {
+            tokio::select! {
+                () = closed.cancelled() => {
+                    let why = "the server is shutting down";
+                    return (self.end(why), why);
+                }
+                _ = check.tick() => {
+                    if self.rx.len() > self.hub.settings().buffer {
+                        let why = "this client fell behind; resume with Last-Event-ID";
+                        return (self.end(why), why);
+                    }
+                }
+            }
+        }
     }
 
     /// The last event of a stream the server ends: a reconnect hint.
