@@ -139,6 +139,7 @@ impl Application {
             colloquy_gateway::auth::AuthSettings {
                 jwt_secret,
                 jwt_private_key_file: config.settings.jwt_private_key_file.clone(),
+                oidc: config.oidc.clone(),
                 command_rate_limit: Some(colloquy_gateway::auth::RateLimit::new(
                     config.settings.commands_per_second,
                     config.settings.command_burst,

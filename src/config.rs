@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use colloquy_gateway::auth::OidcSettings;
 use colloquy_gemini_agent::keys::{KeysFile, PoolConfig, parse_key_list};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -27,6 +28,7 @@ pub const KEYS: &[&str] = &[
     "COLLOQUY_OIDC_AUDIENCE",
     "COLLOQUY_OIDC_JWKS_URL",
     "COLLOQUY_OIDC_ALGORITHMS",
+    "COLLOQUY_OIDC_JWKS_COOLDOWN",
     "COLLOQUY_CORS_ORIGINS",
     "COLLOQUY_STREAM",
     "COLLOQUY_STREAM_REPLICAS",
@@ -77,16 +79,25 @@ pub struct Settings {
         serialize_with = "ser_secret_opt"
     )]
     pub jwt_secret: Option<SecretString>,
+    /// A PEM private key (RSA, EC P-256/P-384, Ed25519) that signs access tokens instead
+    /// of `COLLOQUY_JWT_SECRET`; its public half is served at `/.well-known/jwks.json`.
     #[serde(rename = "COLLOQUY_JWT_PRIVATE_KEY_FILE", default)]
     pub jwt_private_key_file: Option<PathBuf>,
+    /// The external identity provider's `iss` (with audience and JWKS URL: all or none).
     #[serde(rename = "COLLOQUY_OIDC_ISSUER", default)]
     pub oidc_issuer: Option<String>,
+    /// What the provider's tokens' `aud` must contain.
     #[serde(rename = "COLLOQUY_OIDC_AUDIENCE", default)]
     pub oidc_audience: Option<String>,
+    /// The provider's key set (`https://`, or `http://` to a loopback address).
     #[serde(rename = "COLLOQUY_OIDC_JWKS_URL", default)]
     pub oidc_jwks_url: Option<String>,
+    /// Signature algorithms accepted from the provider, comma-separated (default `RS256`).
     #[serde(rename = "COLLOQUY_OIDC_ALGORITHMS", default)]
     pub oidc_algorithms: Option<String>,
+    /// The shortest time between two fetches of the provider's key set, e.g. `10s`.
+    #[serde(rename = "COLLOQUY_OIDC_JWKS_COOLDOWN")]
+    pub oidc_jwks_cooldown: String,
     /// Allowed CORS origins, comma-separated.
     #[serde(rename = "COLLOQUY_CORS_ORIGINS", default)]
     pub cors_origins: Option<String>,
@@ -166,6 +177,7 @@ impl Default for Settings {
             oidc_audience: None,
             oidc_jwks_url: None,
             oidc_algorithms: None,
+            oidc_jwks_cooldown: "10s".into(),
             cors_origins: None,
             stream: "COLLOQUY".into(),
             stream_replicas: 1,
@@ -213,6 +225,8 @@ pub struct Config {
     /// The Gemini key pool: keys by project, budgets.
     pub gemini_pool: PoolConfig,
     pub cors_origins: Vec<String>,
+    /// The external identity provider, when `COLLOQUY_OIDC_*` configure one.
+    pub oidc: Option<OidcSettings>,
 }
 
 impl Settings {
@@ -314,6 +328,19 @@ impl Settings {
             .split(',')
             .map(|d| duration("COLLOQUY_RETRY_DELAYS", d))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        if self.jwt_secret.is_some() && self.jwt_private_key_file.is_some() {
+            bail!(
+                "COLLOQUY_JWT_SECRET and COLLOQUY_JWT_PRIVATE_KEY_FILE are both set: set one (the key file signs with an asymmetric key and publishes its public half; the secret signs HS256)"
+            );
+        }
+        let oidc = OidcSettings::from_raw(
+            self.oidc_issuer.as_deref(),
+            self.oidc_audience.as_deref(),
+            self.oidc_jwks_url.as_deref(),
+            self.oidc_algorithms.as_deref(),
+            duration("COLLOQUY_OIDC_JWKS_COOLDOWN", &self.oidc_jwks_cooldown)?,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let gemini_pool = self.gemini_pool()?;
         url::parse("GEMINI_BASE_URL", &self.gemini_base_url)?;
         if let Some(proxy) = &self.https_proxy {
@@ -338,6 +365,7 @@ impl Settings {
             retry_delays,
             gemini_pool,
             cors_origins,
+            oidc,
             settings: self,
         })
     }
@@ -518,6 +546,44 @@ mod tests {
         }
         let err = load(&[("COLLOQUY_BIND", "nowhere")]).unwrap_err();
         assert!(err.to_string().contains("COLLOQUY_BIND"), "{err}");
+    }
+
+    #[test]
+    fn an_identity_provider_is_configured_all_or_nothing() {
+        let provider = [
+            ("COLLOQUY_OIDC_ISSUER", "https://idp.example.com"),
+            ("COLLOQUY_OIDC_AUDIENCE", "colloquy-app"),
+            (
+                "COLLOQUY_OIDC_JWKS_URL",
+                "https://idp.example.com/.well-known/jwks.json",
+            ),
+        ];
+        assert!(load(&[]).unwrap().oidc.is_none());
+        let oidc = load(&provider).unwrap().oidc.unwrap();
+        assert_eq!(oidc.issuer, "https://idp.example.com");
+        assert_eq!(oidc.algorithms, [jsonwebtoken_rs256()]);
+        assert_eq!(oidc.jwks_cooldown, Duration::from_secs(10));
+        let err = load(&provider[..2]).unwrap_err();
+        assert!(err.to_string().contains("COLLOQUY_OIDC_JWKS_URL"), "{err}");
+        for (key, value) in [
+            ("COLLOQUY_OIDC_ALGORITHMS", "none"),
+            ("COLLOQUY_OIDC_JWKS_COOLDOWN", "often"),
+        ] {
+            let mut pairs = provider.to_vec();
+            pairs.push((key, value));
+            let err = load(&pairs).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+        let err = load(&[
+            ("COLLOQUY_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("COLLOQUY_JWT_PRIVATE_KEY_FILE", "/etc/colloquy/jwt.pem"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("both set"), "{err}");
+    }
+
+    fn jsonwebtoken_rs256() -> colloquy_gateway::auth::oidc::Algorithm {
+        colloquy_gateway::auth::oidc::Algorithm::RS256
     }
 
     #[test]

@@ -590,6 +590,7 @@ mod tests {
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
+        ("GET", "/.well-known/jwks.json"),
     ];
 
     #[test]

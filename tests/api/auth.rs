@@ -1,6 +1,14 @@
 //! Authentication end to end: register, login, the bearer extractor on `/v1/me`,
 //! refresh-token rotation and reuse detection, logout, validation and the error
-//! format (problem+json), and the per-address rate limit of the auth routes.
+//! format (problem+json), the per-address rate limit of the auth routes, and signing
+//! with a private key file whose public half is published at `/.well-known/jwks.json`.
+//!
+//! Also here: tokens of an external identity provider (`oidc`, with a provider of the
+//! tests' own, `idp`) and the authorization matrix over every route (`matrix`).
+
+mod idp;
+mod matrix;
+mod oidc;
 
 use colloquy_eventstore::Database;
 use colloquy_gateway::auth::tokens::{AccessClaims, JwtKeys, unix_now};
@@ -10,6 +18,7 @@ use serde_json::{Value, json};
 use sqlx::AssertSqlSafe;
 
 use crate::helpers::{TestApp, spawn_app_with};
+use idp::TempDir;
 
 /// The signing secret of every test app here, so tests can mint their own tokens.
 const SECRET: &str = "test-secret-of-at-least-thirty-two-bytes!";
@@ -497,4 +506,106 @@ async fn commands_are_rate_limited_per_user_and_queries_are_not() {
             .unwrap();
         assert_eq!(response.status(), 200);
     }
+}
+
+/// Reads `GET /.well-known/jwks.json`, checking how it is served.
+async fn published_keys(app: &TestApp) -> Value {
+    let response = app.get("/.well-known/jwks.json").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.headers()["cache-control"], "public, max-age=300");
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_private_key_file_signs_tokens_that_others_verify_with_the_published_key() {
+    let dir = TempDir::new();
+    let file = dir.0.join("jwt.pem");
+    std::fs::write(
+        &file,
+        include_str!("../../gateway/src/auth/testdata/rsa-2048.pem"),
+    )
+    .unwrap();
+    let app = spawn_app_with(|s| {
+        s.jwt_secret = None;
+        s.jwt_private_key_file = Some(file.clone());
+    })
+    .await;
+    let user_id = register(&app, "ada@example.com").await;
+    let session = login(&app, "ada@example.com").await;
+    let token = session["access_token"].as_str().unwrap();
+    assert_eq!(me(&app, token).await.status(), StatusCode::OK);
+
+    // The algorithm follows from the key, and the token names its key.
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+    let kid = header.kid.expect("a kid");
+
+    // Another service verifies it with the published key alone.
+    let published = published_keys(&app).await;
+    let keys = published["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{published}");
+    for private in ["d", "p", "q", "dp", "dq", "qi"] {
+        assert!(keys[0].get(private).is_none(), "{private} is published");
+    }
+    assert_eq!(keys[0]["use"], "sig");
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(published.clone()).unwrap();
+    let jwk = set.find(&kid).expect("the token's kid is published");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_issuer(&["colloquy"]);
+    validation.set_audience(&["colloquy"]);
+    let verified = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
+        &validation,
+    )
+    .unwrap();
+    assert_eq!(verified.claims["sub"], user_id.as_str());
+
+    // Refreshed tokens are signed the same way; a tool with the same file mints tokens
+    // the gateway accepts.
+    let refreshed = tokens(refresh(&app, &session["refresh_token"]).await).await;
+    let refreshed =
+        jsonwebtoken::decode_header(refreshed["access_token"].as_str().unwrap()).unwrap();
+    assert_eq!(refreshed.kid.as_deref(), Some(kid.as_str()));
+    let tool = JwtKeys::from_settings(None, Some(&file)).unwrap();
+    let claims = AccessClaims::new(user_id.parse().unwrap(), false);
+    assert_eq!(
+        me(&app, &tool.sign(&claims).unwrap()).await.status(),
+        StatusCode::OK
+    );
+
+    // Nothing else is accepted: a shared secret, another key, alg none, and HS256
+    // keyed with the public key (key confusion).
+    let modulus = keys[0]["n"].as_str().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    let rejected = [
+        JwtKeys::hs256(SECRET.as_bytes())
+            .unwrap()
+            .sign(&claims)
+            .unwrap(),
+        idp::ec_key().sign(&claims).unwrap(),
+        idp::ed_key().sign(&claims).unwrap(),
+        format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}."),
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(modulus.as_bytes()),
+        )
+        .unwrap(),
+    ];
+    for token in rejected {
+        problem(
+            me(&app, &token).await,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn with_a_shared_secret_no_key_is_published() {
+    let app = spawn().await;
+    assert_eq!(published_keys(&app).await, json!({ "keys": [] }));
 }

@@ -1,5 +1,6 @@
 //! Authentication: accounts with email and password, short-lived JWT access tokens,
-//! rotating refresh tokens, and the [`AuthUser`] extractor every `/v1` route uses.
+//! rotating refresh tokens, tokens of an external identity provider, and the
+//! [`AuthUser`] extractor every `/v1` route uses.
 //!
 //! Routes (JSON; errors are problem+json, see [`crate::error`]):
 //! - `POST /v1/auth/register {email, password, display_name?}` → 201 `{user_id}`
@@ -8,20 +9,24 @@
 //! - `POST /v1/auth/refresh {refresh_token}` → 200, same shape; the token rotates
 //! - `POST /v1/auth/logout {refresh_token}` (bearer) → 204; revokes the token's family
 //! - `GET /v1/me` (bearer) → `{user_id, admin}`
+//! - `GET /.well-known/jwks.json` → the public key of `COLLOQUY_JWT_PRIVATE_KEY_FILE` as
+//!   a JWK set (empty with `COLLOQUY_JWT_SECRET`), for other services to verify with
 //!
 //! The four `/v1/auth` routes are rate-limited per client address ([`RateLimit`]).
 //!
-//! Layout: [`tokens`] (JWT keys, refresh tokens), [`password`] (Argon2id off the
-//! runtime), [`input`] (validated registration fields), [`extract`] ([`AuthUser`]),
-//! [`store`] (the SQL, on Postgres or the embedded mode's SQLite file), `rate_limit`,
-//! `routes` (the handlers).
+//! Layout: [`tokens`] (JWT keys, refresh tokens), [`oidc`] (an external identity
+//! provider's tokens), [`password`] (Argon2id off the runtime), [`input`] (validated
+//! registration fields), [`extract`] ([`AuthUser`]), [`store`] (the SQL, on Postgres or
+//! the embedded mode's SQLite file), `rate_limit`, `routes` (the handlers).
 //!
-//! Only Colloquy's own tokens are accepted. Tokens of an external identity provider
-//! (`COLLOQUY_OIDC_*`: issuer, audience, JWKS URL, algorithms) are not supported yet;
-//! they belong in the verification step of [`AuthUser`], next to [`tokens::JwtKeys`].
+//! Which key verifies a bearer token ([`AuthState::authenticate`]): with a provider
+//! configured, a token whose `iss` is the provider's goes to [`oidc`], every other one
+//! to Colloquy's own key ([`tokens::JwtKeys`]); each pins its algorithms, issuer and
+//! audience, so reading `iss` before verifying only picks which check applies.
 
 pub mod extract;
 pub mod input;
+pub mod oidc;
 pub mod password;
 mod rate_limit;
 mod routes;
@@ -36,12 +41,14 @@ use colloquy_eventstore::Database;
 use secrecy::SecretString;
 
 pub use extract::{AdminUser, AuthUser};
+pub use oidc::OidcSettings;
 pub use rate_limit::RateLimit;
 pub(crate) use routes::routes;
 pub use tokens::{AccessClaims, JwtKeys, KeyError};
 
 use crate::GatewayState;
 use crate::error::ApiError;
+use oidc::{OidcError, OidcVerifier};
 use password::Passwords;
 pub(crate) use rate_limit::limit_commands_by_user;
 use rate_limit::{IpLimiter, KeyedLimiter};
@@ -52,8 +59,12 @@ pub struct AuthSettings {
     /// `COLLOQUY_JWT_SECRET`: the HS256 secret (at least 32 bytes). Unset (and no key
     /// file): a random secret per process, with a warning.
     pub jwt_secret: Option<SecretString>,
-    /// `COLLOQUY_JWT_PRIVATE_KEY_FILE`: not supported yet; refused at start.
+    /// `COLLOQUY_JWT_PRIVATE_KEY_FILE`: a PEM private key (RSA, EC P-256/P-384 or
+    /// Ed25519) to sign with instead of a secret; its public half is published at
+    /// `/.well-known/jwks.json`. Setting both is an error.
     pub jwt_private_key_file: Option<PathBuf>,
+    /// `COLLOQUY_OIDC_*`: an external identity provider whose tokens are accepted too.
+    pub oidc: Option<OidcSettings>,
     /// The per-address budget of the `/v1/auth` routes.
     pub rate_limit: RateLimit,
     /// The per-user budget of commands (`None`: [`RateLimit::commands`]).
@@ -67,6 +78,8 @@ pub enum AuthSetupError {
     Key(#[from] KeyError),
     #[error("cannot prepare password hashing: {0}")]
     Passwords(#[source] ApiError),
+    #[error("{0}")]
+    Oidc(String),
 }
 
 /// What the auth routes and [`AuthUser`] share. Cheap to clone.
@@ -79,6 +92,8 @@ struct Inner {
     /// Where accounts and refresh tokens live (either backend; see [`store`]).
     db: Database,
     keys: JwtKeys,
+    /// The external identity provider, when configured.
+    oidc: Option<OidcVerifier>,
     passwords: Passwords,
     limiter: IpLimiter,
     command_limiter: KeyedLimiter<uuid::Uuid>,
@@ -88,6 +103,7 @@ impl std::fmt::Debug for AuthState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthState")
             .field("keys", &self.inner.keys)
+            .field("oidc", &self.inner.oidc)
             .field("limiter", &self.inner.limiter)
             .finish_non_exhaustive()
     }
@@ -101,11 +117,17 @@ impl AuthState {
             settings.jwt_secret.as_ref(),
             settings.jwt_private_key_file.as_deref(),
         )?;
+        let oidc = settings
+            .oidc
+            .map(OidcVerifier::new)
+            .transpose()
+            .map_err(AuthSetupError::Oidc)?;
         let passwords = Passwords::new().await.map_err(AuthSetupError::Passwords)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 keys,
+                oidc,
                 passwords,
                 limiter: IpLimiter::new(settings.rate_limit),
                 command_limiter: KeyedLimiter::new(
@@ -122,9 +144,53 @@ impl AuthState {
         &self.inner.keys
     }
 
+    /// The caller a bearer token stands for: a token of Colloquy's own key, or of the
+    /// external identity provider (see the module docs). Any invalid token is 401
+    /// `unauthorized`, its reason logged at debug level only; 503 when the provider's
+    /// keys are needed but none could ever be fetched.
+    pub async fn authenticate(&self, token: &str) -> Result<AuthUser, ApiError> {
+        if let Some(oidc) = &self.inner.oidc
+            && unverified_issuer(token).as_deref() == Some(oidc.issuer())
+        {
+            return match oidc.verify(token).await {
+                Ok(id) => Ok(AuthUser { id, admin: false }),
+                Err(OidcError::Rejected(why)) => {
+                    tracing::debug!(reason = %why, "identity provider token rejected");
+                    Err(ApiError::Unauthorized)
+                }
+                Err(OidcError::Unavailable) => Err(ApiError::Unavailable {
+                    detail: "the identity provider's keys cannot be fetched; try again".into(),
+                    retry_after: std::time::Duration::from_secs(5),
+                }),
+            };
+        }
+        let claims = self.inner.keys.verify(token).map_err(|error| {
+            // The reason stays in the logs; the client learns only "401".
+            tracing::debug!(error = %error, "bearer token rejected");
+            ApiError::Unauthorized
+        })?;
+        Ok(AuthUser {
+            id: claims.sub,
+            admin: claims.admin,
+        })
+    }
+
     /// The database accounts and refresh tokens are kept in.
     pub fn database(&self) -> &Database {
         &self.inner.db
+    }
+}
+
+/// A token's `iss`, read without verifying anything: only to pick the key that verifies.
+fn unverified_issuer(token: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Issuer {
+        iss: Option<serde_json::Value>,
+    }
+    let claims: Issuer = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
+    match claims.iss? {
+        serde_json::Value::String(issuer) => Some(issuer),
+        _ => None,
     }
 }
 

@@ -25,6 +25,7 @@ use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::AuthState;
+use super::extract::bearer_token;
 use crate::error::ApiError;
 
 /// A request budget per key (an address, a user).
@@ -140,28 +141,27 @@ pub(crate) async fn limit_by_ip(
 }
 
 /// Middleware on the `/v1` command and query routes: counts every request that is not a
-/// `GET` against its user's command budget. Requests without a valid token pass through
-/// (their handler answers 401).
+/// `GET` against its user's command budget (whichever key signed the token). Requests
+/// without a valid token pass through (their handler answers 401); the caller it
+/// verified is left in the request's extensions for [`AuthUser`](super::AuthUser) to take.
 pub(crate) async fn limit_commands_by_user(
     State(auth): State<AuthState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     if request.method() == axum::http::Method::GET {
         return next.run(request).await;
     }
-    let user = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .and_then(|token| auth.keys().verify(token).ok())
-        .map(|claims| claims.sub);
-    if let Some(user) = user
-        && let Err(error) = auth.inner.command_limiter.check(&user)
-    {
-        tracing::debug!(user.id = %user, "command rate-limited");
-        return error.into_response();
+    let user = match bearer_token(request.headers()) {
+        Some(token) => auth.authenticate(token).await.ok(),
+        None => None,
+    };
+    if let Some(user) = user {
+        if let Err(error) = auth.inner.command_limiter.check(&user.id) {
+            tracing::debug!(user.id = %user.id, "command rate-limited");
+            return error.into_response();
+        }
+        request.extensions_mut().insert(user);
     }
     next.run(request).await
 }

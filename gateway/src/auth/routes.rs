@@ -37,8 +37,11 @@ fn limited_api() -> OpenApiRouter<GatewayState> {
         .routes(utoipa_axum::routes!(logout))
 }
 
+/// `/v1/me` and the key set: not rate-limited.
 fn me_api() -> OpenApiRouter<GatewayState> {
-    OpenApiRouter::new().routes(utoipa_axum::routes!(me))
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(me))
+        .routes(utoipa_axum::routes!(jwks))
 }
 
 impl AuthState {
@@ -374,6 +377,35 @@ async fn me(user: AuthUser) -> Json<Me> {
         user_id: user.id,
         admin: user.admin,
     })
+}
+
+/// How long other services may cache the key set. A new key file takes effect at the
+/// next start; verifiers that cached the old set pick up the new `kid` when they next
+/// fetch (most refetch on an unknown `kid` at once).
+const JWKS_MAX_AGE_SECS: u64 = 300;
+
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "operations",
+    operation_id = "jwks",
+    description = "The public keys that verify Colloquy's access tokens, as a JWK set (RFC 7517), \
+                   for other services: the public half of `COLLOQUY_JWT_PRIVATE_KEY_FILE`, named \
+                   by the `kid` every token carries. Empty when tokens are signed with a shared \
+                   secret (`COLLOQUY_JWT_SECRET`), which is never published. No token needed.",
+    responses(
+        (status = 200, description = "The key set: `{keys: [JWK…]}`", content_type = "application/json", body = Object,
+            headers(("Cache-Control" = String, description = "`public, max-age=300`"))),
+    )
+)]
+async fn jwks(State(auth): State<AuthState>) -> Response {
+    let mut response = Json(auth.inner.keys.jwks()).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_str(&format!("public, max-age={JWKS_MAX_AGE_SECS}"))
+            .expect("BUG: a valid header value"),
+    );
+    response
 }
 
 /// The handlers on the embedded mode's SQLite file (the API suite drives them over HTTP
