@@ -251,16 +251,16 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Keys(command) => run_keys(config, command, json).await,
         AdminCommand::Users(command) => run_users(config, command, json).await,
         AdminCommand::Tokens(TokensCommand::Issue { user, ttl }) => {
-            // The embedded mode's own secret counts: `serve` made it beside the file.
-            let Some(secret) = crate::app::jwt_secret(config)? else {
+            // What the gateways sign with: the key file, the shared secret, or the
+            // embedded mode's own secret (`serve` made it beside the file).
+            let key_file = config.settings.jwt_private_key_file.as_deref();
+            let secret = crate::app::jwt_secret(config)?;
+            if secret.is_none() && key_file.is_none() {
                 bail!(
-                    "tokens issue needs COLLOQUY_JWT_SECRET (the secret the gateways verify with); without it a token would be signed with a throwaway key"
+                    "tokens issue needs COLLOQUY_JWT_SECRET or COLLOQUY_JWT_PRIVATE_KEY_FILE (what the gateways verify with); without either a token would be signed with a throwaway key"
                 );
-            };
-            let keys = JwtKeys::from_settings(
-                Some(&secret),
-                config.settings.jwt_private_key_file.as_deref(),
-            )?;
+            }
+            let keys = JwtKeys::from_settings(secret.as_ref(), key_file)?;
             let (db, _) = connect(config).await?;
             let account = account(&db, user).await?;
             if account.disabled {

@@ -676,3 +676,35 @@ async fn admin_keys_recheck_disables_a_rejected_key_and_status_shows_it() {
         .unwrap();
     assert_eq!(unknown.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn admin_tokens_issue_signs_with_the_private_key_file() {
+    let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("gateway/src/auth/testdata/ed25519.pem");
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.jwt_private_key_file = Some(key.clone());
+    })
+    .await;
+    let user = app.register_and_login().await;
+    let issued = json_of(
+        admin(&app)
+            .env_remove("COLLOQUY_JWT_SECRET")
+            .env("COLLOQUY_JWT_PRIVATE_KEY_FILE", &key)
+            .args(["tokens", "issue", &user.email, "--json"]),
+    );
+    let token = issued["access_token"].as_str().unwrap();
+    let me = app
+        .client
+        .get(app.url("/v1/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200, "the gateway accepts the CLI's token");
+    let body: serde_json::Value = me.json().await.unwrap();
+    assert_eq!(
+        body["id"].as_str().or(body["user_id"].as_str()),
+        Some(user.id.as_str()),
+        "{body}"
+    );
+}
