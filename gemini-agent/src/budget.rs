@@ -7,10 +7,11 @@
 //! the new count and tries again, so two instances never spend one budget twice.
 //!
 //! Layout:
-//! - [`Window`]: one counting window of one project (a UTC minute or a Pacific day) and its
-//!   store key, `rpm.<project>.<unix-minute>` or `rpd.<project>.<yyyy-mm-dd>`. A minute
-//!   window counts requests and tokens together, so RPM and TPM are checked and spent in
-//!   one compare-and-set.
+//! - [`Window`]: one counting window of one project (a 5-second slot of the per-minute
+//!   budget, or a Pacific day) and its store key, `rpm.<project>.s<unix-seconds / 5>` or
+//!   `rpd.<project>.<yyyy-mm-dd>`. A slot counts requests and tokens together, so RPM and
+//!   TPM are checked and spent in one compare-and-set; the pool counts a minute as the
+//!   slots of the last 60 seconds ([`Window::minute_slots`]), a window that slides.
 //! - [`Health`]: what the instances learned from Gemini's answers (cooling and exhausted
 //!   projects, learned lower quotas, disabled keys, last errors), one shared document.
 //! - [`BudgetStore`]: the storage trait, with [`MemoryBudgetStore`] (tests, and a single
@@ -64,7 +65,7 @@ fn start_of_pacific_day(date: NaiveDate) -> DateTime<Utc> {
 /// Which quota a [`Window`] counts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WindowKind {
-    /// One UTC minute: requests (RPM) and input tokens (TPM).
+    /// A UTC minute or a slot of one: requests (RPM) and input tokens (TPM).
     Minute,
     /// One US Pacific calendar day: requests (RPD).
     Day,
@@ -78,6 +79,9 @@ impl WindowKind {
         }
     }
 }
+
+/// The length of a slot of a per-minute budget ([`Window::slot`]), in seconds.
+pub const SLOT_SECONDS: i64 = 5;
 
 /// One counting window of one project, e.g. project `alpha`'s requests in the minute
 /// starting 12:34:00 UTC. A new window starts from zero, which is how budgets roll over.
@@ -100,6 +104,43 @@ impl Window {
             project: project.to_owned(),
             id: minute.to_string(),
             ends,
+        }
+    }
+
+    /// The [`SLOT_SECONDS`] slot of `project`'s per-minute budget containing `at`; its id
+    /// is `s<unix-seconds / SLOT_SECONDS>`. The pool counts a minute as the sum of
+    /// [`Window::minute_slots`], a window that slides with the slots.
+    pub fn slot(project: &str, at: DateTime<Utc>) -> Self {
+        let slot = at.timestamp().div_euclid(SLOT_SECONDS);
+        let ends = DateTime::from_timestamp(slot.saturating_add(1).saturating_mul(SLOT_SECONDS), 0)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        Self {
+            kind: WindowKind::Minute,
+            project: project.to_owned(),
+            id: format!("s{slot}"),
+            ends,
+        }
+    }
+
+    /// The slots a per-minute budget counts at `at`, oldest first: the slot containing
+    /// `at` and the [`60 / SLOT_SECONDS`](SLOT_SECONDS) before it, so every call of the
+    /// last 60 seconds (and up to one slot more) is counted. A provider whose minute starts
+    /// at any moment (with a project's first call, say) then never sees more calls in its
+    /// minute than the budget allows, as it can with windows on the UTC minute.
+    pub fn minute_slots(project: &str, at: DateTime<Utc>) -> Vec<Self> {
+        (0..=60 / SLOT_SECONDS)
+            .rev()
+            .map(|back| Self::slot(project, at - chrono::Duration::seconds(back * SLOT_SECONDS)))
+            .collect()
+    }
+
+    /// Until when calls spent in this window count against a per-minute budget: a slot
+    /// counts for a minute after it ends; any other window until it ends.
+    pub fn counts_until(&self) -> DateTime<Utc> {
+        if self.kind == WindowKind::Minute && self.id.starts_with('s') {
+            self.ends + chrono::Duration::seconds(60)
+        } else {
+            self.ends
         }
     }
 
@@ -133,8 +174,9 @@ impl Window {
         self.ends
     }
 
-    /// The store key below the store's own prefix: `rpm.<project>.<unix-minute>` or
-    /// `rpd.<project>.<yyyy-mm-dd>`, the project name escaped by [`encode_token`].
+    /// The store key below the store's own prefix: `rpm.<project>.<unix-minute>`,
+    /// `rpm.<project>.s<slot>` or `rpd.<project>.<yyyy-mm-dd>`, the project name escaped
+    /// by [`encode_token`].
     pub fn key(&self) -> String {
         format!(
             "{}.{}.{}",

@@ -296,11 +296,11 @@ pub struct KeyStatus {
     pub state: KeyState,
     /// Until when a cooling or exhausted project waits.
     pub cooldown_until: Option<DateTime<Utc>>,
-    /// Requests the project was granted this UTC minute.
+    /// Requests the project was granted in the last minute.
     pub requests_this_minute: u64,
     /// Requests the project was granted this US Pacific day.
     pub requests_today: u64,
-    /// Input tokens the project spent this minute.
+    /// Input tokens the project spent in the last minute.
     pub tokens_this_minute: u64,
     /// The limits in force: configured, or lower ones learned from 429s.
     pub limits: Budget,
@@ -458,21 +458,37 @@ impl KeyPool {
             return Ok(Err(until));
         }
         let limits = self.limits(project, project_health, now);
-        let minute = Window::minute(project, now);
+        // The minute slides: what the earlier slots of the last minute spent is left out
+        // of the current slot's ceiling. Ended slots take no new calls (only refunds and
+        // token corrections), so spending the current one with compare-and-set keeps the
+        // request count exact across instances.
+        let minute = Window::slot(project, now);
+        let slots = Window::minute_slots(project, now);
+        let slots = &slots[..slots.len() - 1];
+        let earlier =
+            futures::future::try_join_all(slots.iter().map(|slot| self.store.usage(slot))).await?;
+        let spent = earlier.iter().fold(Usage::default(), |sum, u| sum.plus(*u));
+        // When a full minute frees room: as its oldest spending slot stops counting.
+        let frees = slots
+            .iter()
+            .zip(&earlier)
+            .find(|(_, u)| u.requests > 0)
+            .map_or(minute.counts_until(), |(slot, _)| slot.counts_until());
         let day = Window::day(project, now);
         let one = Usage {
             requests: 1,
             tokens: estimated_tokens,
         };
         let minute_ceiling = Ceiling {
-            requests: Some(limits.rpm),
-            tokens: limits.tpm,
+            requests: Some(limits.rpm.saturating_sub(spent.requests)),
+            tokens: limits.tpm.map(|tpm| tpm.saturating_sub(spent.tokens)),
         };
         if let Spend::Refused(usage) = self.store.try_spend(&minute, one, minute_ceiling).await? {
             // Only a full request count is worth remembering: token room comes back with
             // every call that used fewer tokens than estimated, and a smaller call may fit.
-            if usage.requests >= limits.rpm {
-                self.hint_full(project, minute.ends());
+            if usage.requests + spent.requests >= limits.rpm {
+                self.hint_full(project, frees);
+                return Ok(Err(frees));
             }
             return Ok(Err(minute.ends()));
         }
@@ -563,7 +579,7 @@ impl KeyPool {
                 let delta = i128::from(tokens) - i128::from(lease.estimated_tokens);
                 let delta =
                     i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
-                if delta != 0 && lease.minute.ends() > now {
+                if delta != 0 && lease.minute.counts_until() > now {
                     self.store.adjust(&lease.minute, 0, delta).await?;
                     if delta < 0 {
                         self.forget_full(project);
@@ -576,7 +592,7 @@ impl KeyPool {
                     requests: 1,
                     tokens: lease.estimated_tokens,
                 };
-                if lease.minute.ends() > now {
+                if lease.minute.counts_until() > now {
                     self.refund(&lease.minute, spent).await;
                 }
                 if lease.day.ends() > now {
@@ -836,7 +852,10 @@ impl KeyPool {
         for key in &self.keys {
             let project = key.project.as_str();
             if !usage.contains_key(project) {
-                let minute = self.store.usage(&Window::minute(project, now)).await?;
+                let mut minute = Usage::default();
+                for slot in Window::minute_slots(project, now) {
+                    minute = minute.plus(self.store.usage(&slot).await?);
+                }
                 let day = self.store.usage(&Window::day(project, now)).await?;
                 usage.insert(project, (minute, day));
             }

@@ -113,11 +113,12 @@ async fn two_instances_never_spend_one_budget_twice() {
     // Eight tasks over two connections race for 60 calls of one minute.
     let (granted, per_task) = drain_concurrently(&pools).await;
     assert_eq!(granted, 60, "grants per task: {per_task:?}");
-    let minute = Window::minute("alpha", clock.now());
+    let minute = Window::slot("alpha", clock.now());
     assert_eq!(store.usage(&minute).await.unwrap().requests, 60);
 
-    // The next minute has room for 60 more, but the day only for 20.
-    clock.advance(Duration::from_secs(60));
+    // A minute after their 5-second slot there is room for 60 more, but the day only
+    // has 20.
+    clock.advance(Duration::from_secs(65));
     let (granted, per_task) = drain_concurrently(&pools).await;
     assert_eq!(granted, 20, "grants per task: {per_task:?}");
     let day = Window::day("alpha", clock.now());
@@ -181,7 +182,7 @@ async fn tokens_per_minute_are_shared_too() {
     two.report(second, Outcome::Success { tokens: 700 })
         .await
         .unwrap();
-    let minute = Window::minute("alpha", clock.now());
+    let minute = Window::slot("alpha", clock.now());
     assert_eq!(
         store.usage(&minute).await.unwrap(),
         Usage {

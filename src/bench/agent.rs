@@ -21,10 +21,10 @@
 //! - **quota**: `--projects` projects with one key each, every project limited to
 //!   `--rpm` requests per minute at the fake (fixed one-minute windows from a
 //!   project's first request) and configured with that budget in the key pool (which
-//!   counts UTC minutes). `--projects` × `--rpm` runs a minute (times `--load`) are
-//!   requested, evenly spaced, for `--window`; the share of what the quotas allow that
-//!   completed by the window's end plus `--grace`, and the share of Gemini calls
-//!   answered 429, are the figures.
+//!   counts a sliding minute of 5-second slots). `--projects` × `--rpm` runs a minute
+//!   (times `--load`) are requested, evenly spaced, for `--window`; the share of what
+//!   the quotas allow that completed by the window's end plus `--grace`, and the share
+//!   of Gemini calls answered 429, are the figures.
 //! - **faults**: `--fault-runs` runs at `--fault-rate` per second while the fake fails
 //!   `--fault-probability` of calls at random (500 INTERNAL, 503 overloaded, an error
 //!   chunk mid-stream, a connection cut mid-stream). Every run must end succeeded or

@@ -4,7 +4,7 @@
 //!
 //! | bucket | key | value | lifetime |
 //! |---|---|---|---|
-//! | `<bucket>` | `<prefix>.rpm.<project>.<unix-minute>` | `{"requests":n,"tokens":t}` | bucket `max_age` (default 2 days) |
+//! | `<bucket>` | `<prefix>.rpm.<project>.s<unix-seconds / 5>` (a 5-second slot of the minute) | `{"requests":n,"tokens":t}` | bucket `max_age` (default 2 days) |
 //! | `<bucket>` | `<prefix>.rpd.<project>.<pacific-date>` | `{"requests":n,"tokens":0}` | bucket `max_age` |
 //! | `<bucket>_health` | `<prefix>.health` | the [`Health`] document as JSON | no expiry |
 //!

@@ -1,14 +1,18 @@
 //! The in-process budget store: for tests, and for a single agent process without NATS
 //! (the embedded mode), where nobody else spends the budget.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 
 use super::{
-    BudgetStore, Ceiling, Health, Spend, StoreError, Usage, Versioned, Window, WindowKind,
+    BudgetStore, Ceiling, Health, SLOT_SECONDS, Spend, StoreError, Usage, Versioned, Window,
+    WindowKind,
 };
+
+/// Windows kept per project and kind: the slots of a sliding minute.
+const KEEP: usize = (60 / SLOT_SECONDS) as usize + 1;
 
 /// Budgets and health in memory. One instance shared (behind an `Arc`) by several pools
 /// behaves like one shared bucket; it forgets everything when the process ends.
@@ -21,8 +25,9 @@ pub struct MemoryBudgetStore {
 struct Inner {
     /// Usage by window key.
     windows: HashMap<String, Usage>,
-    /// The newest window key per (kind, project), so older windows can be dropped.
-    newest: HashMap<(WindowKind, String), String>,
+    /// The newest window keys per (kind, project), oldest first, so older windows can be
+    /// dropped.
+    newest: HashMap<(WindowKind, String), VecDeque<String>>,
     health: Health,
     /// 0 while no health was saved.
     health_revision: u64,
@@ -41,17 +46,23 @@ impl MemoryBudgetStore {
 }
 
 impl Inner {
-    /// Records `usage` for `window`, dropping the previous window of the same project and
-    /// kind: only the current window is ever spent, so memory stays bounded.
+    /// Records `usage` for `window`, dropping the oldest window of the same project and
+    /// kind beyond [`KEEP`]: only the current window is ever spent, and only the slots of
+    /// the last minute are read, so memory stays bounded.
     fn write(&mut self, window: &Window, usage: Usage) {
         let key = window.key();
-        let slot = (window.kind(), window.project().to_owned());
-        if let Some(old) = self.newest.get(&slot)
-            && *old != key
-        {
-            self.windows.remove(old);
+        let kept = self
+            .newest
+            .entry((window.kind(), window.project().to_owned()))
+            .or_default();
+        if !kept.contains(&key) {
+            kept.push_back(key.clone());
+            if kept.len() > KEEP
+                && let Some(old) = kept.pop_front()
+            {
+                self.windows.remove(&old);
+            }
         }
-        self.newest.insert(slot, key.clone());
         self.windows.insert(key, usage);
     }
 }
@@ -99,7 +110,7 @@ impl BudgetStore for MemoryBudgetStore {
                 let is_old = inner
                     .newest
                     .get(&(window.kind(), window.project().to_owned()))
-                    .is_some_and(|newest| *newest != key);
+                    .is_some_and(|kept| !kept.contains(&key));
                 let next = Usage::default().adjusted(requests, tokens);
                 if !is_old && next != Usage::default() {
                     inner.write(window, next);
@@ -170,21 +181,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn old_windows_are_dropped_when_a_new_one_starts() {
+    async fn old_windows_are_dropped_when_a_minute_of_slots_is_kept() {
         let store = MemoryBudgetStore::new();
         let ceiling = Ceiling::default();
         let one = Usage {
             requests: 1,
             tokens: 0,
         };
-        let old = Window::minute("p", at("2026-01-01T00:00:00Z"));
-        let new = Window::minute("p", at("2026-01-01T00:01:00Z"));
+        let old = Window::slot("p", at("2026-01-01T00:00:00Z"));
+        let kept = Window::slot("p", at("2026-01-01T00:00:05Z"));
+        let new = Window::slot("p", at("2026-01-01T00:01:05Z"));
         store.try_spend(&old, one, ceiling).await.unwrap();
-        store.try_spend(&new, one, ceiling).await.unwrap();
-        assert_eq!(store.lock().windows.len(), 1);
-        // A late refund to the old window neither resurrects it nor touches the new one.
+        store.try_spend(&kept, one, ceiling).await.unwrap();
+        for slot in Window::minute_slots("p", at("2026-01-01T00:01:05Z")) {
+            store
+                .try_spend(&slot, Usage::default(), ceiling)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.lock().windows.len(), KEEP);
+        assert_eq!(
+            store.usage(&kept).await.unwrap(),
+            one,
+            "still in the minute"
+        );
+        // A late refund to the old window neither resurrects it nor touches the others.
         store.adjust(&old, -1, 0).await.unwrap();
         assert_eq!(store.usage(&old).await.unwrap(), Usage::default());
-        assert_eq!(store.usage(&new).await.unwrap(), one);
+        assert_eq!(store.usage(&kept).await.unwrap(), one);
+        assert_eq!(store.usage(&new).await.unwrap(), Usage::default());
     }
 }

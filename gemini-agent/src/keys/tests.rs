@@ -115,8 +115,9 @@ async fn two_keys_of_one_project_share_one_budget() {
     );
     let used: Vec<String> = [f.use_one().await, f.use_one().await, f.use_one().await].into();
     assert_eq!(used, ["a1", "a2", "a1"], "both keys were used");
-    // Two keys, but one project: the fourth call waits for the next minute.
-    assert_eq!(f.not_ready_until().await, at("2026-01-15T12:01:00Z"));
+    // Two keys, but one project: the fourth call waits until the calls' 5-second slot
+    // is a minute old.
+    assert_eq!(f.not_ready_until().await, at("2026-01-15T12:01:35Z"));
     let status = f.status("a2").await;
     assert_eq!(status.requests_this_minute, 3);
     assert_eq!(status.requests_today, 3);
@@ -135,17 +136,38 @@ async fn another_project_takes_over_when_one_is_spent() {
 }
 
 #[tokio::test]
-async fn the_per_minute_budget_rolls_over_with_the_minute() {
+async fn the_per_minute_budget_frees_a_minute_after_the_calls() {
     let f = fixture(&[("a1", "alpha")], budget(2, 100), "2026-01-15T12:00:10Z");
     f.use_one().await;
     f.use_one().await;
     let until = f.not_ready_until().await;
-    assert_eq!(until, at("2026-01-15T12:01:00Z"));
-    f.clock.set(at("2026-01-15T12:00:59Z"));
+    assert_eq!(
+        until,
+        at("2026-01-15T12:01:15Z"),
+        "the end of their slot + 1 minute"
+    );
+    f.clock.set(at("2026-01-15T12:01:14Z"));
     f.not_ready_until().await;
     f.clock.set(until);
     f.use_one().await;
     assert_eq!(f.status("a1").await.requests_this_minute, 1);
+}
+
+#[tokio::test]
+async fn the_per_minute_budget_slides_across_the_utc_minute() {
+    // A provider whose minute starts with a project's first call (12:00:50 here) would
+    // refuse a third call before 12:01:50; a budget per UTC minute would grant it at
+    // 12:01:00.
+    let f = fixture(&[("a1", "alpha")], budget(2, 100), "2026-01-15T12:00:50Z");
+    f.use_one().await;
+    f.clock.set(at("2026-01-15T12:00:59Z"));
+    f.use_one().await;
+    f.clock.set(at("2026-01-15T12:01:10Z"));
+    assert_eq!(f.not_ready_until().await, at("2026-01-15T12:01:55Z"));
+    f.clock.set(at("2026-01-15T12:01:55Z"));
+    f.use_one().await;
+    assert_eq!(f.not_ready_until().await, at("2026-01-15T12:02:00Z"));
+    assert_eq!(f.status("a1").await.requests_this_minute, 2);
 }
 
 #[tokio::test]
@@ -337,12 +359,13 @@ async fn a_lower_quota_reported_by_a_429_is_learned_and_expires() {
         )
         .await
         .unwrap();
-    f.clock.set(at("2026-01-15T12:01:00Z"));
+    // Once the refused call's slot no longer counts.
+    f.clock.set(at("2026-01-15T12:01:05Z"));
     f.use_one().await;
     f.use_one().await;
     assert_eq!(
         f.not_ready_until().await,
-        at("2026-01-15T12:02:00Z"),
+        at("2026-01-15T12:02:10Z"),
         "2 per minute, not 10"
     );
     assert_eq!(f.status("a1").await.limits.rpm, 2);
