@@ -325,6 +325,21 @@ async fn serve_with_the_gemini_double_answers_a_run() {
 /// The JWT secret the app and the CLI share in the admin tests.
 const ADMIN_JWT_SECRET: &str = "a test secret that is at least thirty-two bytes long";
 
+/// Waits for a child process without stopping the application under test: the app runs
+/// in this test's runtime, and a worker blocked on a child would freeze whichever of its
+/// tasks it holds — with the embedded mode, possibly in the middle of a SQLite write
+/// transaction that the child then waits for. The CLI tests run on a multi-threaded
+/// runtime, so the blocked worker's tasks move to another.
+trait OutputInPlace {
+    fn output_in_place(&mut self) -> std::io::Result<std::process::Output>;
+}
+
+impl OutputInPlace for Command {
+    fn output_in_place(&mut self) -> std::io::Result<std::process::Output> {
+        tokio::task::block_in_place(|| self.output())
+    }
+}
+
 /// `colloquy admin …` against the app's database and NATS prefix.
 fn admin(app: &crate::helpers::TestApp) -> Command {
     let mut command = colloquy();
@@ -340,7 +355,7 @@ fn admin(app: &crate::helpers::TestApp) -> Command {
 
 /// Runs `command`, asserting success; its stdout as JSON.
 fn json_of(command: &mut Command) -> serde_json::Value {
-    let output = command.output().unwrap();
+    let output = command.output_in_place().unwrap();
     assert!(
         output.status.success(),
         "{}{}",
@@ -350,7 +365,7 @@ fn json_of(command: &mut Command) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_users_create_and_a_cli_token_opens_the_admin_routes() {
     use std::io::Write as _;
     let app = crate::helpers::spawn_app_with(|settings| {
@@ -379,7 +394,7 @@ async fn admin_users_create_and_a_cli_token_opens_the_admin_routes() {
         .unwrap()
         .write_all(b"a long enough password\n")
         .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -400,7 +415,7 @@ async fn admin_users_create_and_a_cli_token_opens_the_admin_routes() {
 
     let issued = admin(&app)
         .args(["tokens", "issue", &email, "--ttl", "1h"])
-        .output()
+        .output_in_place()
         .unwrap();
     assert!(
         issued.status.success(),
@@ -447,7 +462,7 @@ async fn admin_users_create_and_a_cli_token_opens_the_admin_routes() {
     assert_eq!(login.status(), 401);
     let refused = admin(&app)
         .args(["tokens", "issue", &email])
-        .output()
+        .output_in_place()
         .unwrap();
     assert_eq!(refused.status.code(), Some(1));
 
@@ -456,12 +471,12 @@ async fn admin_users_create_and_a_cli_token_opens_the_admin_routes() {
     assert_eq!(status["items"].as_array().unwrap().len(), 3, "{status}");
     let table = admin(&app)
         .args(["projections", "status"])
-        .output()
+        .output_in_place()
         .unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("CHECKPOINT"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_streams_read_and_events_tail_show_what_a_command_wrote() {
     let app = crate::helpers::spawn_app().await;
     let user = app.register_and_login().await;
@@ -501,12 +516,12 @@ async fn admin_streams_read_and_events_tail_show_what_a_command_wrote() {
     assert_eq!(from_one["items"][0]["position"], 1, "{from_one}");
     let table = admin(&app)
         .args(["streams", "read", stream])
-        .output()
+        .output_in_place()
         .unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("MessageSent"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_runs_lists_and_retries_a_dead_letter() {
     let app = crate::helpers::app_without_agent().await;
     let user = app.register_and_login().await;
@@ -516,37 +531,43 @@ async fn admin_runs_lists_and_retries_a_dead_letter() {
 
     let listed = json_of(admin(&app).args(["runs", "dead-letters", "--json"]));
     assert_eq!(listed["items"][0]["id"], run.as_str(), "{listed}");
-    let table = admin(&app).args(["runs", "dead-letters"]).output().unwrap();
+    let table = admin(&app)
+        .args(["runs", "dead-letters"])
+        .output_in_place()
+        .unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains(&run));
 
     let retried = json_of(admin(&app).args(["runs", "retry", &run, "--json"]));
     assert_eq!(retried["run_id"], run.as_str(), "{retried}");
     // No longer a dead letter: a second retry fails.
-    let again = admin(&app).args(["runs", "retry", &run]).output().unwrap();
+    let again = admin(&app)
+        .args(["runs", "retry", &run])
+        .output_in_place()
+        .unwrap();
     assert_eq!(again.status.code(), Some(1));
 
     // An unknown id is a failure (1); a malformed one is bad usage (2).
     let unknown = admin(&app)
         .args(["runs", "retry", &uuid::Uuid::new_v4().to_string()])
-        .output()
+        .output_in_place()
         .unwrap();
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no run"));
     let malformed = admin(&app)
         .args(["runs", "retry", "not-a-uuid"])
-        .output()
+        .output_in_place()
         .unwrap();
     assert_eq!(malformed.status.code(), Some(2));
     let unknown_user = admin(&app)
         .args(["users", "grant-admin", "nobody@example.com"])
-        .output()
+        .output_in_place()
         .unwrap();
     assert_eq!(unknown_user.status.code(), Some(1));
-    let no_subcommand = admin(&app).args(["runs"]).output().unwrap();
+    let no_subcommand = admin(&app).args(["runs"]).output_in_place().unwrap();
     assert_eq!(no_subcommand.status.code(), Some(2));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_keys_status_never_prints_a_key() {
     let app = crate::helpers::app_without_agent().await;
     let keys = "main=AIzaSecretKeyOne@proj-a,spare=AIzaSecretKeyTwo@proj-b";
@@ -554,7 +575,7 @@ async fn admin_keys_status_never_prints_a_key() {
         let output = admin(&app)
             .args(args)
             .env("GEMINI_API_KEYS", keys)
-            .output()
+            .output_in_place()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -572,13 +593,13 @@ async fn admin_keys_status_never_prints_a_key() {
     }
     let help = colloquy()
         .args(["admin", "keys", "recheck", "--help"])
-        .output()
+        .output_in_place()
         .unwrap();
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("label"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_events_tail_follow_prints_new_events_as_they_are_committed() {
     use std::io::BufRead as _;
     let app = crate::helpers::spawn_app().await;
@@ -623,7 +644,7 @@ async fn admin_events_tail_follow_prints_new_events_as_they_are_committed() {
     assert_eq!(event["data"]["text"], "followed", "{event}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_keys_recheck_disables_a_rejected_key_and_status_shows_it() {
     use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini};
     let app = crate::helpers::app_without_agent().await;
@@ -677,7 +698,7 @@ async fn admin_keys_recheck_disables_a_rejected_key_and_status_shows_it() {
     assert_eq!(unknown.status.code(), Some(1));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_tokens_issue_signs_with_the_private_key_file() {
     let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("gateway/src/auth/testdata/ed25519.pem");
