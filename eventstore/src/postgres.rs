@@ -21,7 +21,7 @@ use crate::model::{
     AppendOutcome, GlobalPosition, Limits, LogFilter, RecordedEvent, StoreError, StreamAppend,
     validate,
 };
-use crate::store::{EventStore, RedactReport, Redactor, Selection};
+use crate::store::{EventStore, RedactReport, Redactor, Selection, redact_selected};
 
 /// The advisory-lock key that orders every commit into the log; the same constant
 /// as `message_store.commit_order_lock_key()`.
@@ -472,28 +472,26 @@ impl EventStore for PgEventStore {
                 .fetch_all(&mut *tx)
                 .await?,
             };
-        let mut report = RedactReport::default();
-        for row in rows {
-            report.streams.push(row.try_get("stream_name")?);
-            let position: i64 = row.try_get("global_position")?;
-            let event_type: String = row.try_get("type")?;
-            let Some(mut data) = row.try_get::<Option<Value>, _>("data")? else {
-                continue;
-            };
-            if redactor(&event_type, &mut data) {
-                sqlx::query(
-                    "UPDATE message_store.messages SET data = $2 WHERE global_position = $1",
-                )
+        let selected = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("global_position")?,
+                    row.try_get("stream_name")?,
+                    row.try_get("type")?,
+                    row.try_get("data")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let (report, changed) = redact_selected(selected, redactor);
+        for (position, data) in changed {
+            sqlx::query("UPDATE message_store.messages SET data = $2 WHERE global_position = $1")
                 .bind(position)
                 .bind(&data)
                 .execute(&mut *tx)
                 .await?;
-                report.changed += 1;
-            }
         }
         tx.commit().await?;
-        report.streams.sort_unstable();
-        report.streams.dedup();
         Ok(report)
     }
 }

@@ -33,6 +33,31 @@ pub struct RedactReport {
 /// Rewrites an event's data in place; returns whether it changed anything.
 pub type Redactor = dyn Fn(&str, &mut Value) -> bool + Send + Sync;
 
+/// One event a redaction selected: global position, stream name, type, data.
+pub(crate) type Selected = (GlobalPosition, String, String, Option<Value>);
+
+/// What every backend's redaction does with the events it selected (in one transaction,
+/// locked): runs `redactor` over each, and returns the report and the new data of each
+/// event it changed, for the backend to write back.
+pub(crate) fn redact_selected(
+    selected: Vec<Selected>,
+    redactor: &Redactor,
+) -> (RedactReport, Vec<(GlobalPosition, Value)>) {
+    let mut report = RedactReport::default();
+    let mut changed = Vec::new();
+    for (position, stream, event_type, data) in selected {
+        report.streams.push(stream);
+        let Some(mut data) = data else { continue };
+        if redactor(&event_type, &mut data) {
+            changed.push((position, data));
+        }
+    }
+    report.changed = changed.len() as u64;
+    report.streams.sort_unstable();
+    report.streams.dedup();
+    (report, changed)
+}
+
 /// An append-only log of events in streams, with commit-ordered global positions.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
