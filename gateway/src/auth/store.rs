@@ -10,6 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use colloquy_eventstore::Database;
+use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use super::tokens::REFRESH_TOKEN_TTL;
@@ -287,22 +288,32 @@ pub async fn mark_rotated(tx: &mut Transaction, id: Uuid) -> Result<(), sqlx::Er
 
 /// Revokes every token of `family` not yet revoked; returns how many.
 pub async fn revoke_family(tx: &mut Transaction, family: Uuid) -> Result<u64, sqlx::Error> {
+    revoke_where(tx, "family", family).await
+}
+
+/// Revokes every token not yet revoked whose `column` (`family` or `user_id`) is `id`;
+/// returns how many.
+async fn revoke_where(
+    tx: &mut Transaction,
+    column: &'static str,
+    id: Uuid,
+) -> Result<u64, sqlx::Error> {
+    debug_assert!(matches!(column, "family" | "user_id"));
     let now = Utc::now();
+    let set = format!("SET revoked_at = $2 WHERE {column} = $1 AND revoked_at IS NULL");
     let revoked = match tx {
-        Transaction::Postgres(tx) => sqlx::query(
-            "UPDATE colloquy.refresh_tokens SET revoked_at = $2
-              WHERE family = $1 AND revoked_at IS NULL",
-        )
-        .bind(family)
+        Transaction::Postgres(tx) => sqlx::query(AssertSqlSafe(format!(
+            "UPDATE colloquy.refresh_tokens {set}"
+        )))
+        .bind(id)
         .bind(now)
         .execute(&mut **tx)
         .await?
         .rows_affected(),
-        Transaction::Sqlite(tx) => sqlx::query(
-            "UPDATE colloquy_refresh_tokens SET revoked_at = $2
-              WHERE family = $1 AND revoked_at IS NULL",
-        )
-        .bind(family)
+        Transaction::Sqlite(tx) => sqlx::query(AssertSqlSafe(format!(
+            "UPDATE colloquy_refresh_tokens {set}"
+        )))
+        .bind(id)
         .bind(now)
         .execute(&mut **tx)
         .await?
@@ -410,32 +421,6 @@ pub async fn set_admin(db: &Database, id: Uuid, admin: bool) -> Result<(), sqlx:
     Ok(())
 }
 
-/// Revokes every refresh token `user_id` holds; returns how many.
-async fn revoke_all_of(tx: &mut Transaction, user_id: Uuid) -> Result<u64, sqlx::Error> {
-    let now = Utc::now();
-    let revoked = match tx {
-        Transaction::Postgres(tx) => sqlx::query(
-            "UPDATE colloquy.refresh_tokens SET revoked_at = $2
-              WHERE user_id = $1 AND revoked_at IS NULL",
-        )
-        .bind(user_id)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected(),
-        Transaction::Sqlite(tx) => sqlx::query(
-            "UPDATE colloquy_refresh_tokens SET revoked_at = $2
-              WHERE user_id = $1 AND revoked_at IS NULL",
-        )
-        .bind(user_id)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected(),
-    };
-    Ok(revoked)
-}
-
 /// Disables an account and revokes every refresh token it holds, in one transaction,
 /// so no session outlives the change by more than an access token's lifetime. Returns
 /// how many tokens were revoked.
@@ -455,7 +440,7 @@ pub async fn disable_account(db: &Database, id: Uuid) -> Result<u64, sqlx::Error
                 .await?;
         }
     }
-    let revoked = revoke_all_of(&mut tx, id).await?;
+    let revoked = revoke_where(&mut tx, "user_id", id).await?;
     tx.commit().await?;
     Ok(revoked)
 }
