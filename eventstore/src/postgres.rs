@@ -1,6 +1,8 @@
 //! The Postgres backend: Message DB's `message_store.messages` table, written through
 //! group-commit batches that take the commit-ordering lock (see
-//! `migrations/postgres/0001_message_store.sql` and docs/adr/0002).
+//! `migrations/postgres/0001_message_store.sql` and docs/adr/0002), each with one
+//! statement that holds it for server work only (`message_store.write_batch`,
+//! `migrations/postgres/0006_batch_write_functions.sql`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use uuid::Uuid;
 use crate::batch::{self, Row, StoredId};
 use crate::batcher::{BatchConfig, BatchWriter, Batcher};
 use crate::model::{
-    AppendOutcome, GlobalPosition, Limits, LogFilter, RecordedEvent, StoreError, StreamAppend,
-    validate,
+    AppendOutcome, ExpectedVersion, GlobalPosition, Limits, LogFilter, RecordedEvent, StoreError,
+    StreamAppend, validate,
 };
 use crate::store::{EventStore, RedactReport, Redactor, Selection, redact_selected};
 
@@ -64,7 +66,18 @@ impl Drop for Inner {
 #[derive(Debug)]
 struct PgWriter {
     pool: PgPool,
+    /// Stream versions as this process last wrote or read them under the lock: the
+    /// guess a batch is planned from for `ExpectedVersion::Any` and `StreamExists`.
+    /// A guess is only ever a guess: `message_store.write_batch` checks it.
+    versions: std::sync::Mutex<HashMap<String, i64>>,
 }
+
+/// Most stream versions [`PgWriter::versions`] keeps; it starts over when full.
+const REMEMBERED_VERSIONS: usize = 65_536;
+
+/// Batches planned from a guessed or returned state before one takes the ordering lock
+/// for a whole transaction (which cannot find its state moved).
+const OPTIMISTIC_ATTEMPTS: usize = 3;
 
 impl PgEventStore {
     /// Connects a pool sized for group commit plus readers.
@@ -82,7 +95,10 @@ impl PgEventStore {
         let (appended, _) = watch::channel(0_u64);
         let stop = CancellationToken::new();
         let batcher = Batcher::start(
-            Arc::new(PgWriter { pool: pool.clone() }),
+            Arc::new(PgWriter {
+                pool: pool.clone(),
+                versions: std::sync::Mutex::default(),
+            }),
             options.batch,
             appended.clone(),
         );
@@ -152,115 +168,163 @@ impl BatchWriter for PgWriter {
         &self,
         requests: &[&[StreamAppend]],
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
-        let mut ids = Vec::new();
-        let mut streams = Vec::new();
-        for append in requests.iter().flat_map(|r| r.iter()) {
-            streams.push(append.stream.clone());
-            ids.extend(append.events.iter().map(|e| e.id));
-        }
-        streams.sort_unstable();
-        streams.dedup();
-
         let mut conn = self.pool.acquire().await?;
-        // BEGIN and the lock in one round trip. The lock is held to the end of the
-        // transaction, and released only after the commit is visible. Custom plans:
-        // a generic plan cached while the table was small scans it sequentially for
-        // the id look-up, holding the lock for as long as the table is large (seen in
-        // `colloquy bench append` on a fresh database); planning for the actual
-        // parameters and table size costs far less than that.
-        sqlx::raw_sql(
-            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
-             SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());",
-        )
-        .execute(&mut *conn)
-        .await?;
-        let result = write_locked(&mut conn, requests, &ids, &streams).await;
-        match result {
-            Ok((results, wrote)) => {
-                if wrote {
-                    sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
-                } else {
-                    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+        // Plan from the state the appends expect and write with one autocommit
+        // statement that takes the ordering lock, checks that state and inserts: the
+        // lock is held for server work and the commit only, never across a client
+        // round trip (docs/adr/0002). If the state was not as expected, the statement
+        // wrote nothing and returned the actual state: plan again from that.
+        let mut state = self.guess(requests);
+        for _ in 0..OPTIMISTIC_ATTEMPTS {
+            match attempt(&mut conn, requests, &mut state).await? {
+                Some(results) => {
+                    self.remember(&state.planned_versions);
+                    return Ok(results);
                 }
-                Ok(results)
-            }
-            Err(e) => {
-                // Best effort; a broken connection is discarded by the pool.
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-                Err(e)
+                None => continue,
             }
         }
+
+        // The state kept moving between attempts (other processes writing the same
+        // streams).
+        let results = write_locked(&mut conn, requests, &mut state).await?;
+        self.remember(&state.planned_versions);
+        Ok(results)
     }
 }
 
+/// Writes a batch in a transaction that holds the ordering lock from its start, so the
+/// state read under it cannot move before the write.
 async fn write_locked(
     conn: &mut sqlx::PgConnection,
     requests: &[&[StreamAppend]],
-    ids: &[Uuid],
-    streams: &[String],
-) -> Result<(Vec<Result<AppendOutcome, StoreError>>, bool), StoreError> {
-    // Stored events with the requested ids, and the version of every named stream, in
-    // one round trip. The stream versions use the (stream_name, position) index
-    // backwards, one probe per stream, however long the stream is.
-    let rows = sqlx::query(
-        "SELECT true AS is_id, m.id, m.stream_name, m.type, m.data, m.global_position, m.position
-           FROM message_store.messages m WHERE m.id = ANY($1)
-         UNION ALL
-         SELECT false, NULL, s.name, NULL, NULL, NULL,
-                (SELECT max(position) FROM message_store.messages WHERE stream_name = s.name)
-           FROM unnest($2::text[]) AS s(name)",
-    )
-    .bind(ids)
-    .bind(streams)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut stored = HashMap::new();
-    let mut versions = HashMap::new();
-    for row in rows {
-        let stream: String = row.try_get("stream_name")?;
-        if row.try_get::<bool, _>("is_id")? {
-            let id: Uuid = row.try_get("id")?;
-            stored.insert(
-                id,
-                StoredId {
-                    id,
-                    stream_name: stream,
-                    event_type: row.try_get("type")?,
-                    data: row
-                        .try_get::<Option<Value>, _>("data")?
-                        .unwrap_or(Value::Null),
-                    global_position: row.try_get("global_position")?,
-                    position: row.try_get("position")?,
-                },
-            );
-        } else if let Some(version) = row.try_get::<Option<i64>, _>("position")? {
-            versions.insert(stream, version);
+    state: &mut State,
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+    sqlx::raw_sql("BEGIN; SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());")
+        .execute(&mut *conn)
+        .await?;
+    let locked = async {
+        // At most once moved: the state it returns is read under this lock.
+        for _ in 0..2 {
+            if let Some(results) = attempt(&mut *conn, requests, state).await? {
+                return Ok(results);
+            }
+        }
+        Err(StoreError::Backend(
+            "BUG: a batch's state moved while its transaction held the ordering lock".into(),
+        ))
+    }
+    .await;
+    match locked {
+        Ok(results) => {
+            // With nothing written COMMIT ends the transaction all the same.
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            Ok(results)
+        }
+        Err(e) => {
+            // Best effort; a broken connection is discarded by the pool.
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            Err(e)
+        }
+    }
+}
+
+impl PgWriter {
+    /// The state a batch expects: no stored ids (a retry is the exception), and every
+    /// stream at the version its first append expects, or for `Any` and
+    /// `StreamExists` as this process last saw it (-1 if it has not).
+    fn guess(&self, requests: &[&[StreamAppend]]) -> State {
+        let remembered = self
+            .versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut versions = HashMap::new();
+        for append in requests.iter().flat_map(|r| r.iter()) {
+            versions
+                .entry(append.stream.clone())
+                .or_insert_with(|| match append.expected {
+                    ExpectedVersion::Exact(v) => v,
+                    ExpectedVersion::NoStream => -1,
+                    ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+                        remembered.get(&append.stream).copied().unwrap_or(-1)
+                    }
+                });
+        }
+        let mut streams: Vec<String> = versions.keys().cloned().collect();
+        streams.sort_unstable();
+        State {
+            stored: HashMap::new(),
+            versions,
+            streams,
+            verified: false,
+            planned_versions: HashMap::new(),
         }
     }
 
-    let mut new_rows: Vec<Row> = Vec::new();
-    let planned = batch::plan(requests, &stored, &mut versions, &mut new_rows);
-    let mut positions = Vec::with_capacity(new_rows.len());
-    if !new_rows.is_empty() {
-        positions = insert_rows(conn, &new_rows).await?;
+    /// Keeps the stream versions a batch left behind.
+    fn remember(&self, versions: &HashMap<String, i64>) {
+        let mut remembered = self
+            .versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if remembered.len() + versions.len() > REMEMBERED_VERSIONS {
+            remembered.clear();
+        }
+        for (stream, version) in versions {
+            remembered.insert(stream.clone(), *version);
+        }
     }
-    let wrote = !new_rows.is_empty();
-    Ok((batch::outcomes(planned, &positions), wrote))
 }
 
-/// Inserts rows in order with one statement; the trigger draws their global positions
-/// in that order. Returns the positions, aligned with `rows`.
-async fn insert_rows(
+/// What a batch is planned from.
+struct State {
+    /// Stored events with one of the batch's ids.
+    stored: HashMap<Uuid, StoredId>,
+    /// The version of every stream the batch names (-1: no events).
+    versions: HashMap<String, i64>,
+    /// The batch's streams, sorted.
+    streams: Vec<String>,
+    /// Read from the log (under the lock), not guessed: a plan that writes nothing
+    /// needs no check then.
+    verified: bool,
+    /// The streams' versions after the last plan's rows.
+    planned_versions: HashMap<String, i64>,
+}
+
+/// Plans the batch from `state` and has `message_store.write_batch` write its rows if
+/// `state` holds under the ordering lock. `None` if it did not: nothing was written,
+/// and `state` is now the actual state.
+async fn attempt(
     conn: &mut sqlx::PgConnection,
-    rows: &[Row],
-) -> Result<Vec<GlobalPosition>, StoreError> {
+    requests: &[&[StreamAppend]],
+    state: &mut State,
+) -> Result<Option<Vec<Result<AppendOutcome, StoreError>>>, StoreError> {
+    let mut planned_versions = state.versions.clone();
+    let mut rows: Vec<Row> = Vec::new();
+    let planned = batch::plan(requests, &state.stored, &mut planned_versions, &mut rows);
+    state.planned_versions = planned_versions;
+    if rows.is_empty() && state.verified {
+        // Replays and rejections only, decided from committed state.
+        return Ok(Some(batch::outcomes(planned, &[])));
+    }
+    let versions: Vec<i64> = state
+        .streams
+        .iter()
+        .map(|s| state.versions.get(s).copied().unwrap_or(-1))
+        .collect();
+    let absent: Vec<Uuid> = requests
+        .iter()
+        .flat_map(|r| r.iter())
+        .flat_map(|a| a.events.iter().map(|e| e.id))
+        .filter(|id| !state.stored.contains_key(id))
+        .collect();
     let mut ids = Vec::with_capacity(rows.len());
     let mut streams = Vec::with_capacity(rows.len());
     let mut types = Vec::with_capacity(rows.len());
     let mut stream_positions = Vec::with_capacity(rows.len());
     let mut data = Vec::with_capacity(rows.len());
     let mut metadata = Vec::with_capacity(rows.len());
-    for row in rows {
+    for row in &rows {
         ids.push(row.id);
         streams.push(row.stream_name.as_str());
         types.push(row.event_type.as_str());
@@ -269,12 +333,9 @@ async fn insert_rows(
         metadata.push(row.metadata.as_ref());
     }
     let returned = sqlx::query(
-        "INSERT INTO message_store.messages (id, stream_name, type, position, data, metadata)
-         SELECT id, stream_name, type, position, data, metadata
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], $6::jsonb[])
-                WITH ORDINALITY AS t(id, stream_name, type, position, data, metadata, ord)
-          ORDER BY ord
-         RETURNING id, global_position",
+        "SELECT kind, event_id, event_stream_name, event_type, event_data,
+                event_global_position, event_position
+           FROM message_store.write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&ids)
     .bind(&streams)
@@ -282,19 +343,67 @@ async fn insert_rows(
     .bind(&stream_positions)
     .bind(&data)
     .bind(&metadata)
+    .bind(&state.streams)
+    .bind(&versions)
+    .bind(&absent)
     .fetch_all(&mut *conn)
     .await?;
-    let mut by_id = HashMap::with_capacity(returned.len());
+
+    let mut written = HashMap::with_capacity(rows.len());
+    let mut moved = false;
+    let mut versions = HashMap::with_capacity(state.streams.len());
     for row in returned {
-        by_id.insert(
-            row.try_get::<Uuid, _>("id")?,
-            row.try_get::<i64, _>("global_position")?,
-        );
+        match row.try_get::<&str, _>("kind")? {
+            "written" => {
+                written.insert(
+                    row.try_get::<Uuid, _>("event_id")?,
+                    row.try_get::<GlobalPosition, _>("event_global_position")?,
+                );
+            }
+            "stored" => {
+                let id: Uuid = row.try_get("event_id")?;
+                state.stored.insert(
+                    id,
+                    StoredId {
+                        id,
+                        stream_name: row.try_get("event_stream_name")?,
+                        event_type: row.try_get("event_type")?,
+                        data: row
+                            .try_get::<Option<Value>, _>("event_data")?
+                            .unwrap_or(Value::Null),
+                        global_position: row.try_get("event_global_position")?,
+                        position: row.try_get("event_position")?,
+                    },
+                );
+            }
+            "stream" => {
+                moved = true;
+                versions.insert(
+                    row.try_get::<String, _>("event_stream_name")?,
+                    row.try_get::<Option<i64>, _>("event_position")?
+                        .unwrap_or(-1),
+                );
+            }
+            other => {
+                return Err(StoreError::Backend(
+                    format!("BUG: message_store.write_batch returned a {other:?} row").into(),
+                ));
+            }
+        }
     }
-    Ok(ids
+    if moved {
+        state.versions = versions;
+        state.verified = true;
+        return Ok(None);
+    }
+    let positions = ids
         .iter()
-        .map(|id| *by_id.get(id).expect("BUG: every inserted row is returned"))
-        .collect())
+        .map(|id| written.get(id).copied())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            StoreError::Backend("BUG: message_store.write_batch did not return every row".into())
+        })?;
+    Ok(Some(batch::outcomes(planned, &positions)))
 }
 
 fn decode(row: &PgRow) -> Result<RecordedEvent, StoreError> {
@@ -493,5 +602,271 @@ impl EventStore for PgEventStore {
         }
         tx.commit().await?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use colloquy_testkit::TestDatabase;
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::NewEvent;
+
+    /// Another process's commit lands between a batch's unlocked read and its write:
+    /// the ordering lock is held while the batch is written, `other` is inserted under
+    /// it once the batch waits for the lock, and then committed. The batch's write then
+    /// finds its state moved and must be planned again under the lock.
+    async fn write_while_another_commits(
+        requests: Vec<StreamAppend>,
+        other: (&str, i64, Uuid, Value),
+    ) -> (
+        Result<AppendOutcome, StoreError>,
+        GlobalPosition,
+        Vec<(i64, i64)>,
+    ) {
+        let db = TestDatabase::new().await;
+        let pool = db.pool().await;
+        let writer = PgWriter {
+            pool: pool.clone(),
+            versions: std::sync::Mutex::default(),
+        };
+        let mut held = pool.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key())")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let task = tokio::spawn(async move { writer.write_batch(&[requests.as_slice()]).await });
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+                == 0
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the batch waits for the ordering lock");
+        let (stream, position, id, data) = other;
+        let other_position: i64 = sqlx::query_scalar(
+            "INSERT INTO message_store.messages (id, stream_name, type, position, data)
+             VALUES ($1, $2, 'A', $3, $4) RETURNING global_position",
+        )
+        .bind(id)
+        .bind(stream)
+        .bind(position)
+        .bind(&data)
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+        held.commit().await.unwrap();
+        let mut results = task.await.unwrap().unwrap();
+        assert_eq!(results.len(), 1);
+        let log = sqlx::query_as(
+            "SELECT global_position, position FROM message_store.messages
+              WHERE stream_name = $1 ORDER BY global_position",
+        )
+        .bind(stream)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        (results.pop().unwrap(), other_position, log)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_that_moved_is_appended_to_after_its_new_version() {
+        let (result, other, log) = write_while_another_commits(
+            vec![StreamAppend::new(
+                "moved-1",
+                ExpectedVersion::Any,
+                vec![NewEvent::new(Uuid::new_v4(), "A", json!({"n": 1}))],
+            )],
+            ("moved-1", 0, Uuid::new_v4(), json!({"n": 0})),
+        )
+        .await;
+        let outcome = result.unwrap();
+        assert_eq!(outcome.streams[0].version, 1);
+        assert!(outcome.positions[0] > other);
+        assert_eq!(log, vec![(other, 0), (outcome.positions[0], 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_created_meanwhile_fails_no_stream() {
+        let (result, other, log) = write_while_another_commits(
+            vec![StreamAppend::new(
+                "moved-1",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new(Uuid::new_v4(), "A", json!({}))],
+            )],
+            ("moved-1", 0, Uuid::new_v4(), json!({})),
+        )
+        .await;
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::WrongExpectedVersion { actual: 0, .. })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(log, vec![(other, 0)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_stored_meanwhile_is_a_replay() {
+        let id = Uuid::new_v4();
+        let (result, other, log) = write_while_another_commits(
+            vec![StreamAppend::new(
+                "moved-1",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new(id, "A", json!({"n": 1}))],
+            )],
+            ("moved-1", 0, id, json!({"n": 1})),
+        )
+        .await;
+        let outcome = result.unwrap();
+        assert!(outcome.replayed);
+        assert_eq!(outcome.positions, vec![other]);
+        assert_eq!(log, vec![(other, 0)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_stored_meanwhile_elsewhere_is_a_conflict() {
+        let id = Uuid::new_v4();
+        let (result, other, log) = write_while_another_commits(
+            vec![StreamAppend::new(
+                "mine-1",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new(id, "A", json!({"n": 1}))],
+            )],
+            ("theirs-1", 0, id, json!({"n": 1})),
+        )
+        .await;
+        assert!(
+            matches!(result, Err(StoreError::DuplicateEventId { id: d }) if d == id),
+            "{result:?}"
+        );
+        assert_eq!(log, vec![(other, 0)]);
+    }
+
+    /// A plan from a wrong guess that writes nothing (a rejection) is not trusted: the
+    /// function checks it, and the batch is planned again from the actual state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejection_planned_from_a_guess_is_checked() {
+        let db = TestDatabase::new().await;
+        let pool = db.pool().await;
+        let writer = PgWriter {
+            pool: pool.clone(),
+            versions: std::sync::Mutex::default(),
+        };
+        // Written by another process: this one has not seen the stream.
+        for position in 0..3 {
+            sqlx::query(
+                "INSERT INTO message_store.messages (id, stream_name, type, position, data)
+                 VALUES ($1, 'guess-1', 'A', $2, '{}')",
+            )
+            .bind(Uuid::new_v4())
+            .bind(position)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        // Guessed as having no events, which rejects StreamExists.
+        let requests = [StreamAppend::new(
+            "guess-1",
+            ExpectedVersion::StreamExists,
+            vec![NewEvent::new(Uuid::new_v4(), "A", json!({}))],
+        )];
+        let outcome = writer
+            .write_batch(&[requests.as_slice()])
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.streams[0].version, 3);
+        // Guessed as the appends expect it, which writes: checked too.
+        let requests = [StreamAppend::new(
+            "guess-1",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new(Uuid::new_v4(), "A", json!({}))],
+        )];
+        let result = writer
+            .write_batch(&[requests.as_slice()])
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::WrongExpectedVersion { actual: 3, .. })
+            ),
+            "{result:?}"
+        );
+    }
+
+    /// The last resort, a transaction that holds the lock from its start, plans again
+    /// from the state read under it when its guess was wrong.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_locked_write_plans_from_the_state_read_under_the_lock() {
+        let db = TestDatabase::new().await;
+        let pool = db.pool().await;
+        let writer = PgWriter {
+            pool: pool.clone(),
+            versions: std::sync::Mutex::default(),
+        };
+        let stored = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO message_store.messages (id, stream_name, type, position, data)
+             VALUES ($1, 'locked-1', 'A', 0, '{\"n\": 0}')",
+        )
+        .bind(stored)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let new = Uuid::new_v4();
+        let first = [StreamAppend::new(
+            "locked-1",
+            ExpectedVersion::Any,
+            vec![NewEvent::new(new, "A", json!({"n": 1}))],
+        )];
+        let retry = [StreamAppend::new(
+            "locked-1",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new(stored, "A", json!({"n": 0}))],
+        )];
+        let requests = [first.as_slice(), retry.as_slice()];
+        let mut state = writer.guess(&requests);
+        let mut conn = pool.acquire().await.unwrap();
+        let mut results = write_locked(&mut conn, &requests, &mut state)
+            .await
+            .unwrap();
+        let replay = results.pop().unwrap().unwrap();
+        assert!(replay.replayed);
+        assert_eq!(replay.streams[0].version, 0);
+        let written = results.pop().unwrap().unwrap();
+        assert!(!written.replayed);
+        assert_eq!(written.streams[0].version, 1);
+        let locks: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(locks, 0, "the transaction ended and let go of the lock");
+        let log: Vec<(i64, Uuid)> = sqlx::query_as(
+            "SELECT position, id FROM message_store.messages
+              WHERE stream_name = 'locked-1' ORDER BY position",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(log, vec![(0, stored), (1, new)]);
     }
 }

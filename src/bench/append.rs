@@ -651,17 +651,15 @@ async fn scenarios(
     Ok((rows, targets, anatomy))
 }
 
-/// One append alone, step by step: the statements `PgEventStore`'s batch writer sends
-/// for a one-event batch (eventstore/src/postgres.rs, `write_batch`), timed one by one
-/// on an idle lock, next to one autocommit INSERT into the raw table.
+/// One append alone: the statement `PgEventStore`'s batch writer sends for a
+/// one-event batch whose state is as expected (eventstore/src/postgres.rs,
+/// `write_batch`), timed on an idle lock, next to one autocommit INSERT into the raw
+/// table.
 #[derive(Debug, Serialize)]
 struct Anatomy {
     samples: u32,
-    begin_and_lock: Latency,
-    select_versions_and_ids: Latency,
-    insert: Latency,
-    commit: Latency,
-    total: Latency,
+    /// `message_store.write_batch` in autocommit: lock, check, insert, commit.
+    write_batch: Latency,
     raw_autocommit_insert: Latency,
 }
 
@@ -669,13 +667,12 @@ impl Anatomy {
     fn text(&self) -> String {
         let step = |name: &str, l: &Latency| format!("{name} {:.2}/{:.2}", l.p50_ms, l.p99_ms);
         format!(
-            "\none append alone, step by step (the statements of eventstore's write_batch, sequential, {} samples; p50/p99 ms):\n  {} + {} + {} + {} = {}\n  {}\n",
+            "\none append alone (the statement of eventstore's write_batch, sequential, {} samples; p50/p99 ms):\n  {}\n  {}\n",
             self.samples,
-            step("BEGIN+lock", &self.begin_and_lock),
-            step("SELECT", &self.select_versions_and_ids),
-            step("INSERT", &self.insert),
-            step("COMMIT", &self.commit),
-            step("total", &self.total),
+            step(
+                "write_batch (lock, check, insert, commit)",
+                &self.write_batch
+            ),
             step("raw autocommit INSERT", &self.raw_autocommit_insert),
         )
     }
@@ -684,38 +681,15 @@ impl Anatomy {
 async fn anatomy(pool: &PgPool, data: &Value, metadata: &Value) -> anyhow::Result<Anatomy> {
     const SAMPLES: u32 = 200;
     let mut conn = pool.acquire().await?;
-    let mut steps: [Histogram<u64>; 6] = std::array::from_fn(|_| report::histogram());
+    let mut steps: [Histogram<u64>; 2] = std::array::from_fn(|_| report::histogram());
     for n in 0..SAMPLES {
         let id = Uuid::new_v4();
         let stream = format!("benchProbe-{n}");
         let t0 = Instant::now();
-        sqlx::raw_sql(
-            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
-             SELECT pg_advisory_xact_lock(message_store.commit_order_lock_key());",
-        )
-        .execute(&mut *conn)
-        .await?;
-        let t1 = Instant::now();
-        sqlx::query(
-            "SELECT true AS is_id, m.id, m.stream_name, m.type, m.data, m.global_position, m.position
-               FROM message_store.messages m WHERE m.id = ANY($1)
-             UNION ALL
-             SELECT false, NULL, s.name, NULL, NULL, NULL,
-                    (SELECT max(position) FROM message_store.messages WHERE stream_name = s.name)
-               FROM unnest($2::text[]) AS s(name)",
-        )
-        .bind(vec![id])
-        .bind(vec![stream.clone()])
-        .fetch_all(&mut *conn)
-        .await?;
-        let t2 = Instant::now();
-        sqlx::query(
-            "INSERT INTO message_store.messages (id, stream_name, type, position, data, metadata)
-             SELECT id, stream_name, type, position, data, metadata
-               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], $6::jsonb[])
-                    WITH ORDINALITY AS t(id, stream_name, type, position, data, metadata, ord)
-              ORDER BY ord
-             RETURNING id, global_position",
+        let rows = sqlx::query(
+            "SELECT kind, event_id, event_stream_name, event_type, event_data,
+                    event_global_position, event_position
+               FROM message_store.write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(vec![id])
         .bind(vec![stream.as_str()])
@@ -723,11 +697,16 @@ async fn anatomy(pool: &PgPool, data: &Value, metadata: &Value) -> anyhow::Resul
         .bind(vec![0_i64])
         .bind(vec![data])
         .bind(vec![Some(metadata)])
+        .bind(vec![stream.as_str()])
+        .bind(vec![-1_i64])
+        .bind(vec![id])
         .fetch_all(&mut *conn)
         .await?;
-        let t3 = Instant::now();
-        sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
-        let t4 = Instant::now();
+        anyhow::ensure!(
+            rows.len() == 1 && rows[0].try_get::<&str, _>("kind")? == "written",
+            "message_store.write_batch did not write the probe"
+        );
+        let t1 = Instant::now();
         sqlx::query(
             "INSERT INTO bench_raw.messages (id, stream_name, type, position, data, metadata)
              VALUES ($1, $2, 'MessageSent', 0, $3, $4)
@@ -739,22 +718,15 @@ async fn anatomy(pool: &PgPool, data: &Value, metadata: &Value) -> anyhow::Resul
         .bind(metadata)
         .fetch_one(&mut *conn)
         .await?;
-        let t5 = Instant::now();
-        for (h, d) in steps
-            .iter_mut()
-            .zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, t5 - t4])
-        {
+        let t2 = Instant::now();
+        for (h, d) in steps.iter_mut().zip([t1 - t0, t2 - t1]) {
             report::record(h, d);
         }
     }
-    let [begin, select, insert, commit, total, raw] = steps.map(|h| Latency::of(&h));
+    let [write_batch, raw] = steps.map(|h| Latency::of(&h));
     Ok(Anatomy {
         samples: SAMPLES,
-        begin_and_lock: begin,
-        select_versions_and_ids: select,
-        insert,
-        commit,
-        total,
+        write_batch,
         raw_autocommit_insert: raw,
     })
 }
