@@ -5,10 +5,14 @@
 //!   a file copy, far cheaper than running the migrations). Dropped when the test ends.
 //! - [`nats_url`] and [`unique_prefix`]: each test gets its own NATS subject prefix and
 //!   stream name on the test server.
+//! - [`proxy::FaultProxy`]: a TCP proxy that refuses or black-holes a shared server's
+//!   traffic for one test (outage tests).
 //!
 //! Environment: `COLLOQUY_TEST_DATABASE_URL` (an admin URL; default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `COLLOQUY_TEST_NATS_URL` (default
 //! `nats://127.0.0.1:4222`). `scripts/test` starts a current `nats-server` and sets it.
+
+pub mod proxy;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
