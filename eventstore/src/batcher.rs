@@ -149,7 +149,13 @@ fn observe(result: &Result<AppendOutcome, StoreError>, events: usize, started: I
     metrics::histogram!("colloquy_append_duration_seconds").record(started.elapsed());
 }
 
-async fn run_batch(writer: &dyn BatchWriter, batch: Vec<Request>) {
+async fn run_batch(writer: &dyn BatchWriter, mut batch: Vec<Request>) {
+    // An append whose caller has gone (its request timed out or was cancelled while it
+    // queued, as during an outage) is not written: nobody would learn it was.
+    batch.retain(|request| !request.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     metrics::histogram!("colloquy_append_batch_appends").record(batch.len() as f64);
     let requests: Vec<&[StreamAppend]> = batch.iter().map(|r| r.appends.as_slice()).collect();
     match writer.write_batch(&requests).await {
@@ -165,6 +171,24 @@ async fn run_batch(writer: &dyn BatchWriter, batch: Vec<Request>) {
                 .expect("BUG: batch has one request");
             let _ = request.reply.send(Err(error));
         }
+        Err(error) if error.is_unavailable() => {
+            // The database is out of reach, which no one request caused: writing each
+            // alone would wait out the same outage once per request (an acquire timeout
+            // each) while new appends queue behind. Every caller gets the failure at
+            // once and may retry (an ambiguous commit is recognised as a replay).
+            tracing::warn!(error = %error, requests = batch.len(), "batch failed: the database is unavailable");
+            let text = error_chain(&error);
+            let mut batch = batch.into_iter();
+            if let Some(first) = batch.next() {
+                let _ = first.reply.send(Err(error));
+            }
+            for request in batch {
+                let copy = std::io::Error::new(std::io::ErrorKind::NotConnected, text.clone());
+                let _ = request
+                    .reply
+                    .send(Err(StoreError::from(sqlx::Error::Io(copy))));
+            }
+        }
         Err(error) => {
             // One bad request must not fail its neighbours: write each alone. If the
             // failure was an ambiguous commit, the ids that did land are recognised as
@@ -178,5 +202,81 @@ async fn run_batch(writer: &dyn BatchWriter, batch: Vec<Request>) {
                 let _ = request.reply.send(result);
             }
         }
+    }
+}
+
+/// `error: cause: cause…`.
+fn error_chain(error: &StoreError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::model::{ExpectedVersion, NewEvent};
+
+    /// A writer that counts its batches and always finds the database out of reach.
+    #[derive(Debug, Default)]
+    struct Unreachable {
+        batches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BatchWriter for Unreachable {
+        async fn write_batch(
+            &self,
+            _: &[&[StreamAppend]],
+        ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            Err(sqlx::Error::PoolTimedOut.into())
+        }
+    }
+
+    fn request() -> (
+        Request,
+        oneshot::Receiver<Result<AppendOutcome, StoreError>>,
+    ) {
+        let (reply, result) = oneshot::channel();
+        let appends = vec![StreamAppend::new(
+            "thing-1",
+            ExpectedVersion::Any,
+            vec![NewEvent::new(
+                uuid::Uuid::new_v4(),
+                "Happened",
+                serde_json::json!({}),
+            )],
+        )];
+        (Request { appends, reply }, result)
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_fails_a_batch_at_once() {
+        let writer = Unreachable::default();
+        let (requests, results): (Vec<_>, Vec<_>) = (0..3).map(|_| request()).unzip();
+        run_batch(&writer, requests).await;
+        assert_eq!(writer.batches.load(Ordering::Relaxed), 1, "not one by one");
+        for result in results {
+            let error = result.await.unwrap().unwrap_err();
+            assert!(error.is_unavailable(), "{error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_whose_callers_left_are_not_written() {
+        let writer = Unreachable::default();
+        let (gone, result) = request();
+        drop(result);
+        run_batch(&writer, vec![gone]).await;
+        assert_eq!(writer.batches.load(Ordering::Relaxed), 0);
     }
 }

@@ -25,7 +25,8 @@ pub mod wire;
 pub use database::{Backend, Database};
 pub use model::{
     AppendOutcome, ExpectedVersion, GlobalPosition, InvalidInput, Limits, LogFilter, NewEvent,
-    RecordedEvent, StoreError, StreamAppend, StreamWritten, category,
+    RecordedEvent, StoreError, StreamAppend, StreamWritten, category, database_unavailable,
+    unavailable_cause,
 };
 pub use postgres::{PgEventStore, PgOptions};
 pub use sqlite::{SqliteEventStore, SqliteOptions};

@@ -183,6 +183,59 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether this is the database being unreachable, shutting down or out of
+    /// connections ([`database_unavailable`]) or the store closing: a client may retry
+    /// shortly, as opposed to a fault of the request or of the code.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Closed => true,
+            Self::Backend(source) => source
+                .downcast_ref::<sqlx::Error>()
+                .is_some_and(database_unavailable),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a database error means the database cannot be reached or is not taking work
+/// now (a connection refused, reset or timed out, no connection free within the pool's
+/// acquire timeout, the server shutting down or starting, too many connections), rather
+/// than a fault of the query.
+pub fn database_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => true,
+        // Class 08: connection exceptions; 57P01-03: admin or crash shutdown, cannot
+        // connect now; 53300: too many connections.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether `error` or any of its causes is the store or its database being unavailable
+/// ([`StoreError::is_unavailable`], [`database_unavailable`]).
+pub fn unavailable_cause(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(database_unavailable)
+            || error
+                .downcast_ref::<StoreError>()
+                .is_some_and(StoreError::is_unavailable)
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
 /// Why an append was rejected before writing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidInput {
@@ -320,6 +373,77 @@ mod tests {
             ExpectedVersion::Any,
             vec![NewEvent::new(Uuid::new_v4(), event_type, data)],
         )]
+    }
+
+    /// A server error with a SQLSTATE, as Postgres sends them.
+    #[derive(Debug)]
+    struct ServerError(&'static str);
+
+    impl std::fmt::Display for ServerError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "server error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for ServerError {}
+
+    impl sqlx::error::DatabaseError for ServerError {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn unreachable_or_refusing_databases_are_unavailable() {
+        let server = |code| sqlx::Error::Database(Box::new(ServerError(code)));
+        for error in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
+            sqlx::Error::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            server("57P01"),
+            server("57P03"),
+            server("08006"),
+            server("53300"),
+        ] {
+            assert!(database_unavailable(&error), "{error:?}");
+        }
+        for error in [
+            sqlx::Error::RowNotFound,
+            server("23505"),
+            server("42P01"),
+            server("57014"),
+        ] {
+            assert!(!database_unavailable(&error), "{error:?}");
+        }
+        assert!(StoreError::Closed.is_unavailable());
+        assert!(StoreError::from(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(!StoreError::DuplicateEventId { id: Uuid::nil() }.is_unavailable());
+        // Found among the causes, however deep.
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading a checkpoint")]
+        struct Context(#[source] StoreError);
+        assert!(unavailable_cause(&Context(StoreError::from(
+            sqlx::Error::PoolTimedOut
+        ))));
+        assert!(!unavailable_cause(&Context(StoreError::from(
+            sqlx::Error::RowNotFound
+        ))));
     }
 
     #[test]

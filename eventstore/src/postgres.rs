@@ -36,10 +36,26 @@ pub const APPENDED_CHANNEL: &str = "message_store_appended";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 /// Options for [`PgEventStore`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PgOptions {
     pub limits: Limits,
     pub batch: BatchConfig,
+    /// The longest one group-commit batch may take, connection included (default
+    /// 10 s). A batch that has not committed by then fails as the database being
+    /// unavailable (whether it committed is unknown; a retry is recognised as a
+    /// replay), so a connection that stops answering mid-write (a partition) cannot
+    /// hold up every append behind it.
+    pub write_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            batch: BatchConfig::default(),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The Postgres event store.
@@ -66,6 +82,8 @@ impl Drop for Inner {
 #[derive(Debug)]
 struct PgWriter {
     pool: PgPool,
+    /// [`PgOptions::write_timeout`].
+    write_timeout: Duration,
     /// Stream versions as this process last wrote or read them under the lock: the
     /// guess a batch is planned from for `ExpectedVersion::Any` and `StreamExists`.
     /// A guess is only ever a guess: `message_store.write_batch` checks it.
@@ -97,6 +115,7 @@ impl PgEventStore {
         let batcher = Batcher::start(
             Arc::new(PgWriter {
                 pool: pool.clone(),
+                write_timeout: options.write_timeout,
                 versions: std::sync::Mutex::default(),
             }),
             options.batch,
@@ -168,7 +187,33 @@ impl BatchWriter for PgWriter {
         &self,
         requests: &[&[StreamAppend]],
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+        // Getting a connection is bounded by the pool's acquire timeout; using it, here.
         let mut conn = self.pool.acquire().await?;
+        match tokio::time::timeout(self.write_timeout, self.write(&mut conn, requests)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // It may be mid-statement or mid-transaction: close it, never reuse it.
+                conn.close_on_drop();
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the database did not finish a batch within {:?}",
+                        self.write_timeout
+                    ),
+                ))
+                .into())
+            }
+        }
+    }
+}
+
+impl PgWriter {
+    /// [`BatchWriter::write_batch`] on `conn`, without its time limit.
+    async fn write(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        requests: &[&[StreamAppend]],
+    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
         // Plan from the state the appends expect and write with one autocommit
         // statement that takes the ordering lock, checks that state and inserts: the
         // lock is held for server work and the commit only, never across a client
@@ -176,7 +221,7 @@ impl BatchWriter for PgWriter {
         // wrote nothing and returned the actual state: plan again from that.
         let mut state = self.guess(requests);
         for _ in 0..OPTIMISTIC_ATTEMPTS {
-            match attempt(&mut conn, requests, &mut state).await? {
+            match attempt(&mut *conn, requests, &mut state).await? {
                 Some(results) => {
                     self.remember(&state.planned_versions);
                     return Ok(results);
@@ -187,7 +232,7 @@ impl BatchWriter for PgWriter {
 
         // The state kept moving between attempts (other processes writing the same
         // streams).
-        let results = write_locked(&mut conn, requests, &mut state).await?;
+        let results = write_locked(&mut *conn, requests, &mut state).await?;
         self.remember(&state.planned_versions);
         Ok(results)
     }
@@ -631,6 +676,7 @@ mod tests {
         let pool = db.pool().await;
         let writer = PgWriter {
             pool: pool.clone(),
+            write_timeout: PgOptions::default().write_timeout,
             versions: std::sync::Mutex::default(),
         };
         let mut held = pool.begin().await.unwrap();
@@ -762,6 +808,7 @@ mod tests {
         let pool = db.pool().await;
         let writer = PgWriter {
             pool: pool.clone(),
+            write_timeout: PgOptions::default().write_timeout,
             versions: std::sync::Mutex::default(),
         };
         // Written by another process: this one has not seen the stream.
@@ -819,6 +866,7 @@ mod tests {
         let pool = db.pool().await;
         let writer = PgWriter {
             pool: pool.clone(),
+            write_timeout: PgOptions::default().write_timeout,
             versions: std::sync::Mutex::default(),
         };
         let stored = Uuid::new_v4();
