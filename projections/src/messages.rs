@@ -120,6 +120,31 @@ struct Batch {
     dirty_messages: Vec<Uuid>,
 }
 
+/// Whether an event moves its conversation in the list (sets `activity_position`): its
+/// start, a message sent, edited or deleted, a rename. The list's paging looks events up
+/// in the log with the same rule (the gateway's `activity_as_of`).
+#[must_use]
+pub fn moves_activity(event: &ConversationEvent) -> bool {
+    match event {
+        ConversationEvent::ConversationStarted(_)
+        | ConversationEvent::MessageSent(_)
+        | ConversationEvent::MessageEdited(_)
+        | ConversationEvent::MessageDeleted(_)
+        | ConversationEvent::ConversationRenamed(_) => true,
+        ConversationEvent::ConversationArchived(_)
+        | ConversationEvent::RunOpened(_)
+        | ConversationEvent::RunClosed(_) => false,
+    }
+}
+
+/// [`moves_activity`] for an event as the log stores it: `false` for an event of another
+/// category or one that does not decode.
+#[must_use]
+pub fn recorded_moves_activity(event: &RecordedEvent) -> bool {
+    crate::projection::decode::<ConversationEvent>(event, CONVERSATION_CATEGORY)
+        .is_some_and(|(_, e)| moves_activity(&e))
+}
+
 fn preview(text: &str) -> String {
     text.chars()
         .take(usize::try_from(PREVIEW_CHARS).unwrap_or(200))
@@ -169,7 +194,6 @@ impl Batch {
             ConversationEvent::MessageSent(m) => {
                 c.message_count += 1;
                 c.updated_at = time;
-                c.activity_position = gp;
                 c.last_message_preview = Some(preview(&m.text));
                 c.preview_stale = false;
             }
@@ -180,7 +204,6 @@ impl Batch {
                     self.dirty_messages.push(m.message_id.as_uuid());
                 }
                 c.updated_at = time;
-                c.activity_position = gp;
                 c.preview_stale = true;
             }
             ConversationEvent::MessageDeleted(m) => {
@@ -196,19 +219,20 @@ impl Batch {
                     }
                 }
                 c.updated_at = time;
-                c.activity_position = gp;
                 c.preview_stale = true;
             }
             ConversationEvent::ConversationRenamed(r) => {
                 c.title = Some(r.title.clone());
                 c.updated_at = time;
-                c.activity_position = gp;
             }
             ConversationEvent::ConversationArchived(_) => {
                 c.archived = true;
                 c.updated_at = time;
             }
             ConversationEvent::RunOpened(_) | ConversationEvent::RunClosed(_) => {}
+        }
+        if moves_activity(e) {
+            c.activity_position = gp;
         }
         c.version = version;
     }

@@ -621,6 +621,94 @@ async fn the_list_is_most_recent_activity_first_and_pages() {
     assert_eq!(page1["items"][0]["last_message_preview"], "bump");
 }
 
+/// api.md: paging is correct when no conversation that existed at the first page is
+/// skipped or shown twice, while others become active (and jump to the top) between
+/// pages, and new ones start.
+#[tokio::test]
+async fn list_pages_skip_nothing_while_conversations_become_active() {
+    let app = spawn_app().await;
+    let user = app.register_and_login().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            create(&app, &user, &json!({ "title": format!("c{i}") })).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Newest first: c6 … c0.
+    let mut position = log_length(&app).await;
+    let (_, page) = query(&app, &user, "/v1/conversations?limit=2", position).await;
+    let mut seen: Vec<String> = Vec::new();
+    let mut page = page;
+    let mut round = 0;
+    loop {
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["id"].as_str().unwrap().to_owned());
+        }
+        let Some(cursor) = page["next_cursor"].as_str().map(str::to_owned) else {
+            break;
+        };
+        // Between pages: the oldest conversation not yet listed becomes active (it
+        // moves to the top, above the cursor), one already listed becomes active too,
+        // and a new conversation starts.
+        if let Some(unlisted) = ids.iter().find(|id| !seen.contains(id)) {
+            send(&app, &user, unlisted, &format!("bump {round}")).await;
+        }
+        position = send(&app, &user, &seen[0], &format!("again {round}")).await["position"]
+            .as_i64()
+            .unwrap();
+        create(&app, &user, &json!({ "title": format!("new {round}") })).await;
+        round += 1;
+        let (status, next) = query(
+            &app,
+            &user,
+            &format!("/v1/conversations?limit=2&cursor={cursor}"),
+            position,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{next}");
+        page = next;
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        seen.len(),
+        "a conversation was listed twice: {seen:?}"
+    );
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        sorted, expected,
+        "the pages listed exactly the conversations of the first page"
+    );
+    // The first page's order holds across pages: c6 … c0.
+    let mut first_order = ids.clone();
+    first_order.reverse();
+    assert_eq!(seen, first_order);
+
+    // A cursor that is not one of ours is a 400, not a 500.
+    let forged = base64_url("9.10.00000000-0000-0000-0000-000000000000");
+    let response = app
+        .request(
+            Method::GET,
+            &format!("/v1/conversations?cursor={forged}"),
+            &user,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_cursor").await;
+}
+
+fn base64_url(raw: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
 #[tokio::test]
 async fn idempotency_keys_make_commands_repeatable() {
     // No agent: the log changes only by the test's own commands, so its length shows

@@ -314,7 +314,7 @@ pub(crate) struct ConversationPage {
         (status = 400, description = "Malformed `X-Colloquy-Min-Position`"),
         (status = 401, description = "No valid bearer token"),
         (status = 404, description = "No such conversation (or another user's, or archived)"),
-        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+        (status = 503, description = "The read model has not reached the minimum position, or the database is unavailable; see `Retry-After`"),
     )
 )]
 pub(crate) async fn show(
@@ -372,7 +372,7 @@ pub(crate) struct ListParams {
         (status = 200, description = "A page", body = ConversationPage),
         (status = 400, description = "A malformed query parameter or cursor"),
         (status = 401, description = "No valid bearer token"),
-        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+        (status = 503, description = "The read model has not reached the minimum position, or the database is unavailable; see `Retry-After`"),
     )
 )]
 pub(crate) async fn list(
@@ -388,8 +388,10 @@ pub(crate) async fn list(
         .map(parse_list_cursor)
         .transpose()?;
     min.wait(&state, SCHEMA).await?;
-    let (after_position, after_id) = after.unzip();
-    // Ids compare bytewise on both backends (Postgres' uuid order, SQLite's BLOB order).
+    // The conversations whose activity is below the cursor's have not moved since the
+    // first page (positions only grow), so the index serves them in list order.
+    // Ids compare bytewise on both backends (Postgres' uuid order, SQLite's BLOB order)
+    // and in `Uuid`'s `Ord`.
     let mut items: Vec<ConversationItem> = read_query!(
         &state.db,
         query_as,
@@ -409,24 +411,130 @@ pub(crate) async fn list(
           ORDER BY activity_position DESC, id DESC
           LIMIT $4",
         user.id,
-        after_position,
-        after_id,
+        after.map(|c| c.position),
+        after.map(|c| c.id),
         limit + 1,
     )?;
+    if let Some(cursor) = after {
+        items.extend(moved_since(&state, user.id, cursor).await?);
+        items.sort_by_key(|c| std::cmp::Reverse((c.activity_position, c.id)));
+    }
     let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    // The first page fixes the snapshot every later page is ordered by: the newest
+    // activity it saw.
+    let snapshot = after.map_or_else(
+        || items.first().map(|c| c.activity_position),
+        |c| Some(c.snapshot),
+    );
     let next_cursor = more
-        .then(|| items.last())
+        .then(|| items.last().zip(snapshot))
         .flatten()
-        .map(|last| encode_cursor(&format!("{}.{}", last.activity_position, last.id)));
+        .map(|(last, snapshot)| {
+            encode_cursor(&format!(
+                "{snapshot}.{}.{}",
+                last.activity_position, last.id
+            ))
+        });
     Ok(axum::Json(ConversationPage { items, next_cursor }).into_response())
 }
 
-fn parse_list_cursor(cursor: &str) -> Result<(i64, Uuid), ApiError> {
+/// Where the conversation list stood when its first page was read, and where the last
+/// page ended, in that first page's order.
+#[derive(Debug, Clone, Copy)]
+struct ListCursor {
+    /// The newest activity the first page saw: every later page orders conversations
+    /// by their activity as of this position.
+    snapshot: i64,
+    position: i64,
+    id: Uuid,
+}
+
+/// The caller's conversations that became active after the cursor's snapshot and still
+/// belong after the cursor in the snapshot's order, each with its activity as of the
+/// snapshot (read back from the log). Without them a conversation not yet listed that
+/// became active meanwhile would jump above the cursor and be skipped; one created
+/// after the snapshot did not exist at the first page and is left out (it shows at the
+/// top of a fresh list).
+async fn moved_since(
+    state: &GatewayState,
+    owner: Uuid,
+    cursor: ListCursor,
+) -> Result<Vec<ConversationItem>, ApiError> {
+    let moved: Vec<ConversationItem> = read_query!(
+        &state.db,
+        query_as,
+        fetch_all,
+        "SELECT id, title, created_at, updated_at, message_count, last_message_preview,
+                activity_position, version
+           FROM rm_messages.conversations
+          WHERE owner = $1 AND NOT archived AND activity_position > $2",
+        "SELECT id, title, created_at, updated_at, message_count, last_message_preview,
+                activity_position, version
+           FROM rm_messages_conversations
+          WHERE owner = $1 AND NOT archived AND activity_position > $2",
+        owner,
+        cursor.snapshot,
+    )?;
+    let mut items = Vec::new();
+    for mut item in moved {
+        let stream = ConversationId::from_uuid(item.id).stream_name();
+        let Some(position) = activity_as_of(state, &stream, cursor.snapshot).await? else {
+            continue;
+        };
+        item.activity_position = position;
+        if (position, item.id) < (cursor.position, cursor.id) {
+            items.push(item);
+        }
+    }
+    Ok(items)
+}
+
+/// The global position of the last event of `stream` at or below `snapshot` that moved
+/// the conversation in the list (the read model's own rule,
+/// [`colloquy_projections::messages::moves_activity`]); `None` if the conversation did
+/// not exist then.
+async fn activity_as_of(
+    state: &GatewayState,
+    stream: &str,
+    snapshot: i64,
+) -> Result<Option<i64>, ApiError> {
+    const PAGE: usize = 32;
+    let store = state.commands.store();
+    let mut before = None;
+    loop {
+        let events = store
+            .read_stream_backward(stream, before, PAGE)
+            .await
+            .map_err(colloquy_commands::CommandError::Store)?;
+        for event in &events {
+            if event.global_position <= snapshot
+                && colloquy_projections::messages::recorded_moves_activity(event)
+            {
+                return Ok(Some(event.global_position));
+            }
+        }
+        match events.last() {
+            Some(oldest) if events.len() == PAGE => before = Some(oldest.position),
+            _ => return Ok(None),
+        }
+    }
+}
+
+fn parse_list_cursor(cursor: &str) -> Result<ListCursor, ApiError> {
     let raw = decode_cursor(cursor)?;
-    let (position, id) = raw.split_once('.').ok_or_else(invalid_cursor)?;
-    Ok((
-        position.parse().map_err(|_| invalid_cursor())?,
-        Uuid::try_parse(id).map_err(|_| invalid_cursor())?,
-    ))
+    let mut parts = raw.splitn(3, '.');
+    let (Some(snapshot), Some(position), Some(id)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid_cursor());
+    };
+    let cursor = ListCursor {
+        snapshot: snapshot.parse().map_err(|_| invalid_cursor())?,
+        position: position.parse().map_err(|_| invalid_cursor())?,
+        id: Uuid::try_parse(id).map_err(|_| invalid_cursor())?,
+    };
+    if cursor.position > cursor.snapshot {
+        return Err(invalid_cursor());
+    }
+    Ok(cursor)
 }
