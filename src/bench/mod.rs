@@ -14,11 +14,14 @@
 //!   latency and the gateway's memory.
 //! - [`agent`]: `bench agent`, the Gemini agent against the fake Gemini: its overhead,
 //!   runs per minute within quotas, and settling under random failures.
+//! - [`chaos`]: `bench chaos`, the role processes killed with SIGKILL under load, then
+//!   a check that no accepted command was lost or duplicated (docs/RELIABILITY.md).
 //! - [`scratch`]: the scratch database.
 //! - [`report`]: latency histograms, result rows, the table and machine facts.
 
 pub mod agent;
 pub mod append;
+pub mod chaos;
 pub mod http;
 pub mod readside;
 pub mod report;
@@ -55,6 +58,9 @@ pub enum BenchCommand {
     /// The Gemini agent against the fake Gemini: overhead before the call, runs per
     /// minute within quotas, and random failures.
     Agent(agent::AgentArgs),
+    /// Kill -9 each role process (gateway, relay, projector, agent) at random under a
+    /// workload, restart it, then check that nothing accepted was lost or duplicated.
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Runs a benchmark. `config` is the `--config` file, if any.
@@ -89,6 +95,10 @@ pub async fn run(config: Option<&Path>, command: &BenchCommand) -> anyhow::Resul
         BenchCommand::Agent(args) => {
             let url = database_url(args.database_url.as_deref(), &settings)?;
             agent::run(&url, &settings, args).await
+        }
+        BenchCommand::Chaos(args) => {
+            let url = database_url(args.database_url.as_deref(), &settings)?;
+            chaos::run(&url, &settings, args).await
         }
     }
 }
