@@ -18,7 +18,7 @@ pub use error::DomainError;
 pub use event::{DecodeError, DomainEvent, redact};
 pub use ids::{CONVERSATION_CATEGORY, ConversationId, MessageId, RUN_CATEGORY, RunId, UserId};
 pub use process::Decision;
-pub use run::{AgentRun, RunCommand, RunEvent, RunStatus};
+pub use run::{AgentRun, Milestone, RunCommand, RunEvent, RunStatus};
 pub use text::{
     AssistantText, Instructions, MessageText, ModelName, SystemPrompt, Title, ValidationError,
 };

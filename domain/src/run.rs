@@ -219,6 +219,27 @@ domain_event_enum!(RunEvent {
 
 // -------------------------------------------------------------- commands --
 
+/// A progress milestone: a stage name (1 to 64 characters of `[a-z0-9_]`) and a
+/// percentage (0 to 100).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Milestone {
+    /// 1 to 64 characters of `[a-z0-9_]`.
+    pub stage: String,
+    /// 0 to 100.
+    pub percent: u8,
+}
+
+impl Milestone {
+    /// A milestone of `stage` at `percent`.
+    #[must_use]
+    pub fn new(stage: impl Into<String>, percent: u8) -> Self {
+        Self {
+            stage: stage.into(),
+            percent,
+        }
+    }
+}
+
 /// What the agent, the sweeper or the requester asks of a run. A run is
 /// created by [`crate::process::request_run`], not by a command here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +251,10 @@ pub enum RunCommand {
         /// The label of the API key the attempt uses (1 to 64 printable ASCII
         /// characters; something that looks like a Gemini key is refused).
         key_label: String,
+        /// Milestones the attempt has already reached as it starts (each checked as
+        /// [`RunCommand::Progress`] would), recorded after `RunStarted` in the same
+        /// append, so that they cost no commit of their own.
+        milestones: Vec<Milestone>,
     },
     /// Record a milestone of the running attempt.
     Progress {
@@ -527,7 +552,11 @@ impl Aggregate for AgentRun {
         let run = state.ok_or(DomainError::NotFound)?;
         let command_name = command.name();
         let event: RunEvent = match command {
-            RunCommand::Start { attempt, key_label } => {
+            RunCommand::Start {
+                attempt,
+                key_label,
+                milestones,
+            } => {
                 run.terminal_error()?;
                 match run.status {
                     RunStatus::Queued | RunStatus::RetryScheduled => {}
@@ -545,7 +574,19 @@ impl Aggregate for AgentRun {
                     });
                 }
                 validate_key_label(&key_label)?;
-                RunStarted { attempt, key_label }.into()
+                let mut events = vec![RunStarted { attempt, key_label }.into()];
+                for Milestone { stage, percent } in milestones {
+                    validate_progress(&stage, percent)?;
+                    events.push(
+                        RunProgressed {
+                            attempt,
+                            stage,
+                            percent,
+                        }
+                        .into(),
+                    );
+                }
+                return Ok(events);
             }
             RunCommand::Progress {
                 attempt,
@@ -707,6 +748,7 @@ mod tests {
         RunCommand::Start {
             attempt,
             key_label: "primary".to_owned(),
+            milestones: Vec::new(),
         }
     }
 
@@ -819,17 +861,61 @@ mod tests {
     }
 
     #[test]
+    fn a_start_records_its_milestones_in_the_same_decision() {
+        let start = |milestones| RunCommand::Start {
+            attempt: 1,
+            key_label: "primary".to_owned(),
+            milestones,
+        };
+        let progressed = |stage: &str, percent| -> RunEvent {
+            RunProgressed {
+                attempt: 1,
+                stage: stage.to_owned(),
+                percent,
+            }
+            .into()
+        };
+        given(queued())
+            .when(start(vec![
+                Milestone::new("loading_context", 5),
+                Milestone::new("waiting_for_model", 10),
+            ]))
+            .then([
+                run_started(1),
+                progressed("loading_context", 5),
+                progressed("waiting_for_model", 10),
+            ]);
+        // One bad milestone refuses the whole start.
+        given(queued())
+            .when(start(vec![
+                Milestone::new("loading_context", 5),
+                Milestone::new("Bad Stage", 10),
+            ]))
+            .then_error(
+                ValidationError::new(
+                    "stage",
+                    Rule::InvalidCharacter {
+                        allowed: "a-z, 0-9 and '_'",
+                    },
+                )
+                .into(),
+            );
+    }
+
+    #[test]
     fn a_key_is_never_accepted_as_a_key_label() {
         given(queued())
             .when(RunCommand::Start {
                 attempt: 1,
                 key_label: "AIzaSyA-1234567890abcdefghijklmnopqrstu".to_owned(),
+                milestones: Vec::new(),
             })
             .then_error(ValidationError::new("key_label", Rule::LooksLikeSecret).into());
         given(queued())
             .when(RunCommand::Start {
                 attempt: 1,
                 key_label: String::new(),
+                milestones: Vec::new(),
             })
             .then_error(ValidationError::new("key_label", Rule::Blank).into());
     }

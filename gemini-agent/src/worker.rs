@@ -36,7 +36,7 @@ use colloquy_commands::{CommandError, Commands, Context};
 use colloquy_domain::process::{CompleteRun, FailRun, ProcessCommand};
 use colloquy_domain::run::Usage;
 use colloquy_domain::{
-    AgentRun, AssistantText, DomainError, MessageId, RunCommand, RunId, RunStatus,
+    AgentRun, AssistantText, DomainError, MessageId, Milestone, RunCommand, RunId, RunStatus,
 };
 use colloquy_eventstore::{GlobalPosition, LogFilter, Subscription, SubscriptionItem, wire};
 use futures::StreamExt as _;
@@ -717,6 +717,14 @@ impl Agent {
                 RunCommand::Start {
                     attempt,
                     key_label: lease.label().to_owned(),
+                    // `loading_context`: the attempt prepares its call (the conversation
+                    // was read and fitted before the lease, which needs its token
+                    // estimate); `waiting_for_model`: the call is next. Both in the start's
+                    // append: one commit between the request and the call.
+                    milestones: vec![
+                        Milestone::new("loading_context", 5),
+                        Milestone::new("waiting_for_model", 10),
+                    ],
                 },
                 ctx,
             )
@@ -732,14 +740,8 @@ impl Agent {
                 return Err(error.into());
             }
         }
-        // The milestones, in order: `loading_context` (the attempt prepares its call: the
-        // conversation was read and fitted before the lease, which needs its token
-        // estimate), `waiting_for_model`, `streaming` (from the first token, then at most
-        // once a second), `saving`.
-        self.progress(run_id, attempt, "loading_context", 5, ctx)
-            .await;
-        self.progress(run_id, attempt, "waiting_for_model", 10, ctx)
-            .await;
+        // The milestones after the start's two: `streaming` (from the first token, then at
+        // most once a second), `saving`.
         let mut retries = settings.backoff.start();
         let mut tokens_sent = false;
         loop {

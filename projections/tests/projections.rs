@@ -390,6 +390,7 @@ async fn ask_and_start(w: &World, id: ConversationId, text: &str) -> RunId {
             RunCommand::Start {
                 attempt: 1,
                 key_label: "main".into(),
+                milestones: Vec::new(),
             },
             &ctx,
         )
