@@ -1,1 +1,456 @@
-//! (being written)
+//! NATS outage: the broker is a fan-out, never the record. Each test runs the whole
+//! application (gateway, relay, projector, agent) against a private `nats-server` of
+//! its own, crashes it (`kill`, JetStream's files kept) and starts it again on the same
+//! port and store, with real Postgres throughout.
+//!
+//! Shown here, beyond the fan-out test of the api suite (which writes through the
+//! command side directly):
+//! - commands through the HTTP API, `run_agent` included, are accepted while NATS is
+//!   down: the log is the source of truth;
+//! - the read models follow the log during the outage and reach its head after it, the
+//!   stream holds each event once, and every run requested during the outage completes
+//!   once NATS is back, with exactly one assistant reply;
+//! - a live client connected across the outage keeps receiving (the hub heals from the
+//!   log), and one that reconnects with `Last-Event-ID` during the outage gets what the
+//!   log has; in the end each has seen every event of its scope once, in position
+//!   order, with no gap.
+
+use std::time::Duration;
+
+use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
+use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini};
+use colloquy_projections::all_projections;
+use colloquy_projections::wait::wait_for_position;
+use colloquy_testkit::NatsServer;
+use reqwest::{Method, StatusCode};
+use secrecy::SecretString;
+use serde_json::Value;
+
+use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, spawn_app_with};
+
+/// Each wait in these tests: far above what recovery takes, far below nextest's limit.
+const BOUND: Duration = Duration::from_secs(60);
+
+/// The application on `nats`, its agent pointed at `fake` when given.
+async fn app_on(nats: &NatsServer, fake: Option<&FakeGemini>) -> TestApp {
+    let url = nats.url();
+    let gemini = fake.map(FakeGemini::base_url);
+    let app = spawn_app_with(move |settings| {
+        settings.nats_url = Some(url);
+        if let Some(base_url) = gemini {
+            settings.gemini_base_url = base_url;
+            settings.gemini_api_keys =
+                Some(SecretString::from("main=fake-key-1@proj-a".to_owned()));
+        }
+    })
+    .await;
+    app.wait_until_ready().await;
+    app
+}
+
+fn position(body: &Value) -> GlobalPosition {
+    body["position"].as_i64().unwrap()
+}
+
+/// Every event of the log, in position order.
+async fn log(app: &TestApp) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    loop {
+        let after = events
+            .last()
+            .map_or(0, |e: &RecordedEvent| e.global_position);
+        let batch = app
+            .store
+            .read_log(&LogFilter::All, after, 1000)
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            return events;
+        }
+        events.extend(batch);
+    }
+}
+
+/// The global positions of a conversation's own events (what its SSE stream shows).
+async fn conversation_positions(app: &TestApp, conversation: &str) -> Vec<GlobalPosition> {
+    app.store
+        .read_stream(&format!("conversation-{conversation}"), 0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect()
+}
+
+/// The global positions of every conversation and run event: with one user in the
+/// test's database, what that user's `/v1/events` shows.
+async fn users_positions(app: &TestApp) -> Vec<GlobalPosition> {
+    log(app)
+        .await
+        .iter()
+        .filter(|e| matches!(e.category(), "conversation" | "agentRun"))
+        .map(|e| e.global_position)
+        .collect()
+}
+
+/// A live client that reconnects with `Last-Event-ID` whenever the server ends its
+/// stream, as a browser's `EventSource` does; it records every `id:` it receives.
+struct LiveClient {
+    path: String,
+    user: TestUser,
+    reader: SseReader,
+    /// Where the stream (re)started: the `Last-Event-ID` of the first connection.
+    after: Option<GlobalPosition>,
+    seen: Vec<GlobalPosition>,
+    reconnects: usize,
+}
+
+impl LiveClient {
+    async fn open(
+        app: &TestApp,
+        user: &TestUser,
+        path: String,
+        after: Option<GlobalPosition>,
+    ) -> Self {
+        let reader = SseReader::new(app.sse(&path, user, after).await);
+        Self {
+            path,
+            user: user.clone(),
+            reader,
+            after,
+            seen: Vec::new(),
+            reconnects: 0,
+        }
+    }
+
+    fn last(&self) -> Option<GlobalPosition> {
+        self.seen.last().copied().or(self.after)
+    }
+
+    /// Reads until an event at or beyond `position` arrives (bounded).
+    async fn read_until(&mut self, app: &TestApp, position: GlobalPosition) {
+        tokio::time::timeout(BOUND, async {
+            while self.last().is_none_or(|last| last < position) {
+                match self.reader.next().await {
+                    Some(SseEvent { id: Some(id), .. }) => self.seen.push(id.parse().unwrap()),
+                    Some(_) => {}
+                    None => {
+                        self.reconnects += 1;
+                        let response = app.sse(&self.path, &self.user, self.last()).await;
+                        self.reader = SseReader::new(response);
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{}: position {position} never arrived; seen {:?}",
+                self.path, self.seen
+            )
+        });
+    }
+
+    /// Asserts the client saw exactly `expected` after where it started: every event
+    /// once, in position order, no gap.
+    fn assert_saw(&self, expected: &[GlobalPosition]) {
+        let after = self.after.unwrap_or(GlobalPosition::MIN);
+        let expected: Vec<GlobalPosition> =
+            expected.iter().copied().filter(|p| *p > after).collect();
+        assert_eq!(
+            self.seen, expected,
+            "{}: every event of the log once, in order ({} reconnects)",
+            self.path, self.reconnects
+        );
+    }
+}
+
+/// Waits (bounded) until `/readyz` shows NATS `status` (`up` or `down`): the
+/// application has noticed the outage, or its end.
+async fn nats_seen_as(app: &TestApp, status: &str) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let body: Value = app.get("/readyz").await.json().await.unwrap();
+        if body["checks"]["nats"]["status"] == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "NATS never {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (bounded) until every read model has applied the log up to `position`.
+async fn read_models_reach(app: &TestApp, position: GlobalPosition) {
+    let db = app.db.database().await;
+    for projection in all_projections() {
+        assert!(
+            wait_for_position(&db, projection.schema(), position, BOUND)
+                .await
+                .unwrap(),
+            "{} reached {position}",
+            projection.name()
+        );
+    }
+}
+
+/// Waits (bounded) for a run to end; returns how `GET /v1/runs/{id}` shows it.
+async fn finished_run(app: &TestApp, user: &TestUser, run: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let response = app
+            .request(Method::GET, &format!("/v1/runs/{run}"), user)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::OK {
+            let body: Value = response.json().await.unwrap();
+            if !matches!(
+                body["status"].as_str(),
+                Some("queued" | "running" | "retrying")
+            ) {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {run} never finished: {body}"
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {run} never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many events of the JetStream stream (waiting, bounded, for the relay to reach
+/// `head`).
+async fn stream_messages(nats: &NatsServer, app: &TestApp, head: GlobalPosition) -> u64 {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let head = u64::try_from(head).unwrap();
+    tokio::time::timeout(BOUND, async {
+        loop {
+            if let Ok(mut stream) = js.get_stream(app.prefix.to_uppercase()).await
+                && let Ok(info) = stream.info().await
+                && info.state.messages >= head
+            {
+                return info.state.messages;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the relay republishes what NATS missed")
+}
+
+#[tokio::test]
+async fn commands_during_a_nats_outage_are_kept_and_everything_catches_up_once_it_returns() {
+    let mut nats = NatsServer::start().await;
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_on(&nats, Some(&fake)).await;
+    let user = app.register_and_login().await;
+    let first = app.create_conversation(&user).await;
+    // Two clients across the outage, each from the start of the log.
+    let mut conversation_client = LiveClient::open(
+        &app,
+        &user,
+        format!("/v1/conversations/{first}/events"),
+        Some(0),
+    )
+    .await;
+    let mut users_client = LiveClient::open(&app, &user, "/v1/events".into(), Some(0)).await;
+    // A run before the outage: the agent works.
+    let before = app.send_message(&user, &first, "before", true).await;
+    let mut runs = vec![before["run_id"].as_str().unwrap().to_owned()];
+    assert_eq!(
+        finished_run(&app, &user, &runs[0]).await["status"],
+        "succeeded"
+    );
+
+    nats.kill();
+    nats_seen_as(&app, "down").await;
+    // Every command is accepted: the log is the source of truth. One run at a time per
+    // conversation: one during the outage in this one, and one in each of two new ones.
+    for (text, run_agent) in [("during 1", true), ("during 2", false), ("during 3", false)] {
+        let sent = app.send_message(&user, &first, text, run_agent).await;
+        if run_agent {
+            runs.push(sent["run_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let last_during = *conversation_positions(&app, &first).await.last().unwrap();
+    for i in 0..2 {
+        let other = app.create_conversation(&user).await;
+        let sent = app
+            .send_message(&user, &other, &format!("elsewhere {i}"), true)
+            .await;
+        runs.push(sent["run_id"].as_str().unwrap().to_owned());
+    }
+    let head_during = app.store.head().await.unwrap();
+    // A run stream opened while NATS is down, for a run requested while it is down.
+    let mut run_stream = SseReader::new(
+        app.sse(&format!("/v1/runs/{}/events", runs[1]), &user, None)
+            .await,
+    );
+    // Still down: the read models follow the log, and the live clients keep receiving
+    // (the hub reads what NATS does not bring from the log).
+    read_models_reach(&app, head_during).await;
+    let messages: Value = app
+        .request(
+            Method::GET,
+            &format!("/v1/conversations/{first}/messages"),
+            &user,
+        )
+        .header("X-Colloquy-Min-Position", last_during.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<&str> = messages["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["author"] == "user")
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["before", "during 1", "during 2", "during 3"]);
+    conversation_client.read_until(&app, last_during).await;
+    users_client.read_until(&app, head_during).await;
+    assert_eq!(
+        finished_run(&app, &user, &runs[0]).await["status"],
+        "succeeded"
+    );
+
+    nats.restart().await;
+    nats_seen_as(&app, "up").await;
+    let after = app.send_message(&user, &first, "after", false).await;
+    // Every run requested during the outage completes, each with one reply.
+    for run in &runs {
+        let finished = finished_run(&app, &user, run).await;
+        assert_eq!(finished["status"], "succeeded", "{finished}");
+    }
+    let (completed, _) = {
+        let mut seen = Vec::new();
+        loop {
+            let event = run_stream.next().await.expect("the run stream goes on");
+            if event.event.as_deref() == Some("completed") {
+                break (event, seen);
+            }
+            seen.push(event);
+        }
+    };
+    assert_eq!(completed.json()["text"], "echo: during 1");
+    let events = log(&app).await;
+    for run in &runs {
+        let replies = events
+            .iter()
+            .filter(|e| {
+                e.event_type == "MessageSent"
+                    && e.data["author"] == "assistant"
+                    && e.data["runId"] == run.as_str()
+            })
+            .count();
+        assert_eq!(replies, 1, "run {run}: one assistant reply");
+        let completions = events
+            .iter()
+            .filter(|e| {
+                e.stream_name == format!("agentRun-{run}") && e.event_type == "RunCompleted"
+            })
+            .count();
+        assert_eq!(completions, 1, "run {run}: completed once");
+    }
+    // The read models reach the log's head, and the stream holds each event once.
+    let head = app.store.head().await.unwrap();
+    assert!(head > position(&after));
+    read_models_reach(&app, head).await;
+    assert_eq!(
+        stream_messages(&nats, &app, head).await,
+        u64::try_from(head).unwrap(),
+        "the relay published each event once"
+    );
+    // The live clients saw each event of their scope once, in order, with no gap.
+    let expected = conversation_positions(&app, &first).await;
+    conversation_client
+        .read_until(&app, *expected.last().unwrap())
+        .await;
+    conversation_client.assert_saw(&expected);
+    let expected = users_positions(&app).await;
+    users_client
+        .read_until(&app, *expected.last().unwrap())
+        .await;
+    users_client.assert_saw(&expected);
+}
+
+#[tokio::test]
+async fn a_client_resuming_during_a_nats_outage_gets_what_the_log_has() {
+    let mut nats = NatsServer::start().await;
+    let app = app_on(&nats, None).await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let path = format!("/v1/conversations/{conversation}/events");
+    // A client reads a little, then goes away.
+    let mut client = LiveClient::open(&app, &user, path.clone(), None).await;
+    let mut last = 0;
+    for i in 0..2 {
+        last = position(
+            &app.send_message(&user, &conversation, &format!("before {i}"), false)
+                .await,
+        );
+    }
+    client.read_until(&app, last).await;
+    let resume_from = *client.seen.last().unwrap();
+    drop(client);
+
+    nats.kill();
+    nats_seen_as(&app, "down").await;
+    // Written while NATS is down and the client is away.
+    for i in 0..3 {
+        app.send_message(&user, &conversation, &format!("away {i}"), false)
+            .await;
+    }
+    // It comes back during the outage with Last-Event-ID: the log has it all.
+    let mut client = LiveClient::open(&app, &user, path.clone(), Some(resume_from)).await;
+    let mut users_client =
+        LiveClient::open(&app, &user, "/v1/events".into(), Some(resume_from)).await;
+    for i in 0..2 {
+        app.send_message(&user, &conversation, &format!("back {i}"), false)
+            .await;
+    }
+    last = *conversation_positions(&app, &conversation)
+        .await
+        .last()
+        .unwrap();
+    client.read_until(&app, last).await;
+    users_client.read_until(&app, last).await;
+    assert_eq!(
+        client.seen,
+        conversation_positions(&app, &conversation)
+            .await
+            .into_iter()
+            .filter(|p| *p > resume_from)
+            .collect::<Vec<_>>(),
+        "during the outage, the resumed stream holds the log"
+    );
+
+    nats.restart().await;
+    nats_seen_as(&app, "up").await;
+    for i in 0..2 {
+        app.send_message(&user, &conversation, &format!("after {i}"), false)
+            .await;
+    }
+    last = *conversation_positions(&app, &conversation)
+        .await
+        .last()
+        .unwrap();
+    client.read_until(&app, last).await;
+    users_client.read_until(&app, last).await;
+    client.assert_saw(&conversation_positions(&app, &conversation).await);
+    users_client.assert_saw(&users_positions(&app).await);
+}
