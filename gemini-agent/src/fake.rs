@@ -289,6 +289,8 @@ pub struct RecordedRequest {
     pub request: Option<GenerateContentRequest>,
     /// The status answered (200 for streams, whatever happened after).
     pub status: u16,
+    /// When it arrived (on Tokio's clock), so tests can tell how calls were spaced.
+    pub received: Instant,
 }
 
 impl RecordedRequest {
@@ -311,6 +313,7 @@ impl RecordedRequest {
             body: None,
             request: None,
             status: 0,
+            received: Instant::now(),
         }
     }
 
