@@ -86,7 +86,7 @@ struct Registered {
         (status = 413, description = "Body too large"),
         (status = 415, description = "Body is not `application/json`"),
         (status = 422, description = "A field is missing or invalid; `errors` names each"),
-        (status = 429, description = "Too many requests from this address; see `Retry-After`"),
+        (status = 429, description = "Too many requests from this address, or too many passwords being checked at once; see `Retry-After`"),
     )
 )]
 #[tracing::instrument(skip_all, fields(user.id = tracing::field::Empty))]
@@ -185,7 +185,7 @@ impl IntoResponse for TokenResponse {
         (status = 413, description = "Body too large"),
         (status = 415, description = "Body is not `application/json`"),
         (status = 422, description = "A field is missing or of the wrong type"),
-        (status = 429, description = "Too many requests from this address; see `Retry-After`"),
+        (status = 429, description = "Too many requests from this address, or too many passwords being checked at once; see `Retry-After`"),
     )
 )]
 #[tracing::instrument(skip_all, fields(user.id = tracing::field::Empty))]
