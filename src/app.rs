@@ -157,6 +157,7 @@ impl Application {
             prefix: config.settings.subject_prefix.clone(),
             buffer: config.settings.sse_buffer,
             max_streams_per_user: config.settings.sse_max_streams_per_user,
+            max_streams: config.settings.sse_max_streams,
             ..LiveSettings::default()
         };
         let live = match &backing {
@@ -410,20 +411,21 @@ impl Application {
         let signal = shutdown.clone();
         // Every role serves the operations endpoints (/healthz, /readyz, /metrics); the
         // public API joins them with the gateway role.
-        // ConnectInfo gives the per-address rate limit of the auth routes its key.
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { signal.cancelled().await });
-        let mut server = std::pin::pin!(server.into_future());
+        // Each request carries its peer address (the auth routes' rate limit key); a
+        // client has `header_read_timeout` to send a request head, and at most
+        // COLLOQUY_MAX_CONNECTIONS connections are open (`edges::serve`).
+        let connections = colloquy_gateway::edges::Connections {
+            max: self.config.settings.max_connections,
+            ..colloquy_gateway::edges::Connections::default()
+        };
+        let server =
+            colloquy_gateway::edges::serve(self.listener, self.router, connections, signal);
+        let mut server = std::pin::pin!(server);
         tokio::select! {
-            result = &mut server => result.context("HTTP server failed")?,
+            () = &mut server => {}
             () = shutdown.cancelled() => {
-                match tokio::time::timeout(grace, &mut server).await {
-                    Ok(result) => result.context("HTTP server failed")?,
-                    Err(_) => tracing::warn!(?grace, "in-flight requests outlived the shutdown grace period; closing them"),
+                if tokio::time::timeout(grace, &mut server).await.is_err() {
+                    tracing::warn!(?grace, "in-flight requests outlived the shutdown grace period; closing them");
                 }
             }
         }

@@ -37,6 +37,8 @@ pub const KEYS: &[&str] = &[
     "COLLOQUY_PROJECTION_LAG_BUDGET",
     "COLLOQUY_SHUTDOWN_GRACE",
     "COLLOQUY_SSE_MAX_STREAMS_PER_USER",
+    "COLLOQUY_SSE_MAX_STREAMS",
+    "COLLOQUY_MAX_CONNECTIONS",
     "COLLOQUY_COMMANDS_PER_SECOND",
     "COLLOQUY_COMMAND_BURST",
     "COLLOQUY_SSE_BUFFER",
@@ -127,6 +129,13 @@ pub struct Settings {
     /// Concurrent SSE streams one user may hold on one gateway (429 above it).
     #[serde(rename = "COLLOQUY_SSE_MAX_STREAMS_PER_USER")]
     pub sse_max_streams_per_user: usize,
+    /// Concurrent SSE streams of all users on one gateway (429 above it).
+    #[serde(rename = "COLLOQUY_SSE_MAX_STREAMS")]
+    pub sse_max_streams: usize,
+    /// HTTP connections one process holds open at once; further clients wait in the
+    /// listen backlog.
+    #[serde(rename = "COLLOQUY_MAX_CONNECTIONS")]
+    pub max_connections: usize,
     /// Events the live feed holds for slow SSE clients; one further behind is told to
     /// reconnect and resume.
     #[serde(rename = "COLLOQUY_SSE_BUFFER")]
@@ -188,6 +197,8 @@ impl Default for Settings {
             commands_per_second: 20,
             command_burst: 40,
             sse_max_streams_per_user: 16,
+            sse_max_streams: colloquy_gateway::LiveSettings::DEFAULT_MAX_STREAMS,
+            max_connections: colloquy_gateway::edges::Connections::DEFAULT_MAX,
             sse_buffer: 4096,
             gemini_api_keys: None,
             gemini_api_keys_file: None,
@@ -300,6 +311,12 @@ impl Settings {
         }
         if self.sse_max_streams_per_user == 0 {
             bail!("COLLOQUY_SSE_MAX_STREAMS_PER_USER must be at least 1");
+        }
+        if self.sse_max_streams == 0 {
+            bail!("COLLOQUY_SSE_MAX_STREAMS must be at least 1");
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            bail!("COLLOQUY_MAX_CONNECTIONS must be between 1 and 1000000");
         }
         if !(16..=1_000_000).contains(&self.sse_buffer) {
             bail!("COLLOQUY_SSE_BUFFER must be between 16 and 1000000 events");

@@ -24,7 +24,8 @@
 //! - **hot**: every subscriber belongs to one user and follows one conversation
 //!   (half through `/v1/events`); `--hot-messages` messages are sent one every
 //!   `--hot-interval`, each delivered to all of them. The per-user stream cap is
-//!   raised to `--subscribers` for this (`COLLOQUY_SSE_MAX_STREAMS_PER_USER`).
+//!   raised to `--subscribers` for this (`COLLOQUY_SSE_MAX_STREAMS_PER_USER`, and the
+//!   gateway-wide `COLLOQUY_SSE_MAX_STREAMS` and `COLLOQUY_MAX_CONNECTIONS` with it).
 //!
 //! Delivery latency is the time from the send's HTTP response (the command
 //! committed) to a subscriber having read the whole `MessageSent` event; the path is
@@ -216,6 +217,17 @@ impl Server {
             .env(
                 "COLLOQUY_SSE_MAX_STREAMS_PER_USER",
                 spec.max_streams_per_user.to_string(),
+            )
+            // Every subscriber of the bench, whatever the gateway's caps by default.
+            .env(
+                "COLLOQUY_SSE_MAX_STREAMS",
+                spec.max_streams_per_user.max(10_000).to_string(),
+            )
+            .env(
+                "COLLOQUY_MAX_CONNECTIONS",
+                (u64::from(spec.max_streams_per_user) + 1_000)
+                    .max(12_288)
+                    .to_string(),
             )
             .env("COLLOQUY_COMMANDS_PER_SECOND", "1000000")
             .env("COLLOQUY_COMMAND_BURST", "1000000")

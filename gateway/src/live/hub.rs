@@ -38,6 +38,8 @@ pub struct LiveSettings {
     pub buffer: usize,
     /// Concurrent SSE streams per user (429 above it).
     pub max_streams_per_user: usize,
+    /// Concurrent SSE streams of all users (429 above it).
+    pub max_streams: usize,
     /// How long the feed may be quiet before the hub checks the log's head.
     pub idle_check: Duration,
     /// Heartbeat comment interval (at most 15 s by contract).
@@ -46,12 +48,19 @@ pub struct LiveSettings {
     pub retry_hint: Duration,
 }
 
+impl LiveSettings {
+    /// The default cap on one gateway's streams: 10,000, about 230 MB of memory at the
+    /// 23 KB a stream costs (docs/PERFORMANCE.md, `bench sse`).
+    pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+}
+
 impl Default for LiveSettings {
     fn default() -> Self {
         Self {
             prefix: "colloquy".into(),
             buffer: 4096,
             max_streams_per_user: 16,
+            max_streams: Self::DEFAULT_MAX_STREAMS,
             idle_check: Duration::from_millis(500),
             heartbeat: Duration::from_secs(10),
             retry_hint: Duration::from_secs(2),
@@ -96,7 +105,8 @@ struct Inner {
     position: AtomicI64,
     owners: moka::sync::Cache<Uuid, UserId>,
     run_conversations: moka::sync::Cache<Uuid, Uuid>,
-    streams: Mutex<HashMap<UserId, usize>>,
+    /// Open streams per user, and of all users.
+    streams: Mutex<(HashMap<UserId, usize>, usize)>,
     closed: CancellationToken,
 }
 
@@ -115,10 +125,12 @@ impl Drop for StreamSlot {
             .streams
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = streams.get_mut(&self.user) {
+        let (per_user, total) = &mut *streams;
+        *total = total.saturating_sub(1);
+        if let Some(count) = per_user.get_mut(&self.user) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                streams.remove(&self.user);
+                per_user.remove(&self.user);
             }
         }
     }
@@ -164,7 +176,7 @@ impl LiveHub {
                 position: AtomicI64::new(-1),
                 owners: moka::sync::Cache::new(100_000),
                 run_conversations: moka::sync::Cache::new(100_000),
-                streams: Mutex::new(HashMap::new()),
+                streams: Mutex::new((HashMap::new(), 0)),
                 closed: CancellationToken::new(),
             }),
         }
@@ -210,18 +222,24 @@ impl LiveHub {
         self.inner.closed.cancel();
     }
 
-    /// Takes one of `user`'s stream slots, or `None` at the cap.
+    /// Takes one of `user`'s stream slots, or `None` at the user's cap or the
+    /// gateway's.
     pub(crate) fn acquire_slot(&self, user: UserId) -> Option<StreamSlot> {
         let mut streams = self
             .inner
             .streams
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = streams.entry(user).or_insert(0);
+        let (per_user, total) = &mut *streams;
+        if *total >= self.inner.settings.max_streams {
+            return None;
+        }
+        let count = per_user.entry(user).or_insert(0);
         if *count >= self.inner.settings.max_streams_per_user {
             return None;
         }
         *count += 1;
+        *total += 1;
         Some(StreamSlot {
             hub: self.clone(),
             user,

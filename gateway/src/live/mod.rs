@@ -104,7 +104,7 @@ impl Scope {
         (status = 404, description = "No such conversation (or another user's)"),
         (status = 400, description = "`Last-Event-ID` is not a non-negative integer"),
         (status = 401, description = "No valid bearer token"),
-        (status = 429, description = "Too many open streams for this user; see `Retry-After`"),
+        (status = 429, description = "Too many open streams for this user, or on this gateway; see `Retry-After`"),
         (status = 503, description = "A dependency is unavailable; see `Retry-After`"),
     )
 )]
@@ -146,7 +146,7 @@ async fn conversation_events(
         (status = 404, description = "No such run (or another user's)"),
         (status = 400, description = "`Last-Event-ID` is not a non-negative integer"),
         (status = 401, description = "No valid bearer token"),
-        (status = 429, description = "Too many open streams for this user; see `Retry-After`"),
+        (status = 429, description = "Too many open streams for this user, or on this gateway; see `Retry-After`"),
         (status = 503, description = "A dependency is unavailable; see `Retry-After`"),
     )
 )]
@@ -185,7 +185,7 @@ async fn run_events(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "`Last-Event-ID` is not a non-negative integer"),
         (status = 401, description = "No valid bearer token"),
-        (status = 429, description = "Too many open streams for this user; see `Retry-After`"),
+        (status = 429, description = "Too many open streams for this user, or on this gateway; see `Retry-After`"),
         (status = 503, description = "A dependency is unavailable; see `Retry-After`"),
     )
 )]
