@@ -230,7 +230,7 @@ impl Cluster {
             ),
         ];
         Ok(Self {
-            exe: std::env::current_exe().context("cannot find this executable")?,
+            exe: this_executable()?,
             env,
             logs: spec.logs.clone(),
             processes: [None, None, None, None],
@@ -324,6 +324,17 @@ impl Cluster {
     }
 }
 
+/// The executable to start the roles from: this very file. On Linux `/proc/self/exe`,
+/// which names this process's image even after a rebuild replaced the file on disk
+/// (a restart must not start another build than the one killed); elsewhere its path.
+fn this_executable() -> anyhow::Result<PathBuf> {
+    let proc_self = PathBuf::from("/proc/self/exe");
+    if proc_self.exists() {
+        return Ok(proc_self);
+    }
+    std::env::current_exe().context("cannot find this executable")
+}
+
 /// What the users saw.
 #[derive(Debug, Default)]
 struct Tally {
@@ -405,6 +416,8 @@ struct Checks {
     runs_not_terminal: u64,
     runs_terminal_more_than_once: u64,
     runs_replied_more_than_once: u64,
+    /// Runs with an attempt closed because its agent was killed, and retried.
+    runs_taken_over: u64,
     /// Differences between each read model and a fresh replay of the log.
     replay_differences: BTreeMap<&'static str, Vec<String>>,
     verify_clean: bool,
@@ -548,12 +561,13 @@ impl Report {
             (
                 "runs",
                 format!(
-                    "{}: ended once {}, not ended {}, ended twice {}, answered twice {}",
+                    "{}: ended once {}, not ended {}, ended twice {}, answered twice {}; {} taken over from a killed agent",
                     c.runs,
                     c.runs_terminal_once,
                     c.runs_not_terminal,
                     c.runs_terminal_more_than_once,
-                    c.runs_replied_more_than_once
+                    c.runs_replied_more_than_once,
+                    c.runs_taken_over
                 ),
             ),
             (
@@ -1033,6 +1047,14 @@ async fn check(
         }
     }
     checks.runs_replied_more_than_once = replies.values().filter(|&&n| n > 1).count() as u64;
+    let taken_over: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT stream_name) FROM message_store.messages
+          WHERE type = 'RunRetryScheduled'
+            AND data->>'reason' LIKE 'the agent running attempt % stopped'",
+    )
+    .fetch_one(pool)
+    .await?;
+    checks.runs_taken_over = taken_over.unsigned_abs();
 
     // The stream against the log.
     let held = stream_messages(nats, stream).await?;
