@@ -412,9 +412,13 @@ impl Agent {
     }
 
     /// One of `concurrency` loops: fetch one run, handle it, ack it.
+    ///
+    /// A failed fetch is retried after a pause with the consumer opened again (created
+    /// if need be): a NATS server that came back without its JetStream data has neither
+    /// the stream (the relay creates it again) nor this consumer.
     async fn pull_loop(
         &self,
-        consumer: jetstream::consumer::Consumer<pull::Config>,
+        mut consumer: jetstream::consumer::Consumer<pull::Config>,
         shutdown: CancellationToken,
     ) {
         while !shutdown.is_cancelled() {
@@ -424,23 +428,35 @@ impl Agent {
                 .expires(Duration::from_secs(5))
                 .messages()
                 .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::warn!(error = %error, "agent: fetch failed; retrying");
-                    tokio::select! {
+            let error = match batch {
+                Ok(mut batch) => {
+                    let next = tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        next = batch.next() => next,
+                    };
+                    match next {
+                        Some(Ok(message)) => {
+                            self.take_message(message, &shutdown).await;
+                            continue;
+                        }
+                        // No run within the fetch's wait.
+                        None => continue,
+                        Some(Err(error)) => error,
                     }
-                    continue;
                 }
+                Err(error) => error.into(),
             };
-            let next = tokio::select! {
+            tracing::warn!(error = %error, "agent: fetch failed; retrying");
+            tokio::select! {
                 () = shutdown.cancelled() => return,
-                next = batch.next() => next,
-            };
-            let Some(Ok(message)) = next else { continue };
-            self.take_message(message, &shutdown).await;
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match self.consumer().await {
+                Ok(reopened) => consumer = reopened,
+                Err(error) => {
+                    tracing::debug!(error = %error, "agent: cannot open the run consumer yet");
+                }
+            }
         }
     }
 

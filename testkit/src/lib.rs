@@ -215,6 +215,14 @@ impl NatsServer {
         }
     }
 
+    /// Kills it and starts it again on the same port with an empty store: a server that
+    /// comes back without its JetStream data (a replaced node, a lost volume).
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+        self.restart().await;
+    }
+
     /// Starts it again on the same port and storage, waiting until it listens.
     pub async fn restart(&mut self) {
         self.kill();

@@ -454,3 +454,96 @@ async fn a_client_resuming_during_a_nats_outage_gets_what_the_log_has() {
     client.assert_saw(&conversation_positions(&app, &conversation).await);
     users_client.assert_saw(&users_positions(&app).await);
 }
+
+/// Waits (bounded) until the agent's durable consumer is on the stream and has taken
+/// every run request there.
+async fn agent_consumer_drained(nats: &NatsServer, app: &TestApp) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut last = String::new();
+    let drained = tokio::time::timeout(BOUND, async {
+        loop {
+            match js.get_stream(app.prefix.to_uppercase()).await {
+                Ok(stream) => match stream.consumer_info("agent").await {
+                    Ok(info)
+                        if info.delivered.stream_sequence > 0
+                            && info.num_pending == 0
+                            && info.num_ack_pending == 0 =>
+                    {
+                        return;
+                    }
+                    Ok(info) => last = format!("{info:?}"),
+                    Err(error) => last = error.to_string(),
+                },
+                Err(error) => last = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the agent consumes the stream again: {last}"
+    );
+}
+
+#[tokio::test]
+async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
+    let mut nats = NatsServer::start().await;
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_on(&nats, Some(&fake)).await;
+    let user = app.register_and_login().await;
+    let mut users_client = LiveClient::open(&app, &user, "/v1/events".into(), Some(0)).await;
+    let mut runs = Vec::new();
+    for when in ["before", "during", "after"] {
+        match when {
+            "during" => {
+                nats.kill();
+                nats_seen_as(&app, "down").await;
+            }
+            "after" => {
+                // The server comes back empty: no stream, no consumers, no budget buckets.
+                nats.restart_empty().await;
+                nats_seen_as(&app, "up").await;
+            }
+            _ => {}
+        }
+        let conversation = app.create_conversation(&user).await;
+        let sent = app.send_message(&user, &conversation, when, true).await;
+        runs.push(sent["run_id"].as_str().unwrap().to_owned());
+        if when == "before" {
+            assert_eq!(
+                finished_run(&app, &user, &runs[0]).await["status"],
+                "succeeded"
+            );
+        }
+    }
+    // The relay made the stream again and the agent consumes it; the budgets' buckets
+    // are made again too, so every run completes, each with one reply.
+    for run in &runs {
+        let finished = finished_run(&app, &user, run).await;
+        assert_eq!(finished["status"], "succeeded", "{finished}");
+    }
+    agent_consumer_drained(&nats, &app).await;
+    let events = log(&app).await;
+    for run in &runs {
+        let replies = events
+            .iter()
+            .filter(|e| {
+                e.event_type == "MessageSent"
+                    && e.data["author"] == "assistant"
+                    && e.data["runId"] == run.as_str()
+            })
+            .count();
+        assert_eq!(replies, 1, "run {run}: one assistant reply");
+    }
+    let head = app.store.head().await.unwrap();
+    read_models_reach(&app, head).await;
+    let expected = users_positions(&app).await;
+    users_client
+        .read_until(&app, *expected.last().unwrap())
+        .await;
+    users_client.assert_saw(&expected);
+}

@@ -17,6 +17,7 @@
 //! Health lives in its own bucket because it must not expire: a disabled key stays
 //! disabled until a probe or an operator re-enables it, however long that takes.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -58,11 +59,24 @@ impl KvBudgetConfig {
 }
 
 /// Budgets and health in JetStream key-value buckets.
+///
+/// A NATS server can come back without its JetStream data (a replaced node, a lost
+/// volume): an operation that fails while the connection is up opens the buckets again,
+/// creating them if they are gone, so that the next operation works (the agent retries
+/// its runs) instead of every one failing until the process restarts.
 #[derive(Debug, Clone)]
 pub struct KvBudgetStore {
+    js: jetstream::Context,
+    configs: Arc<(kv::Config, kv::Config)>,
+    buckets: Arc<RwLock<Buckets>>,
+    prefix: String,
+}
+
+/// The window and health buckets.
+#[derive(Debug, Clone)]
+struct Buckets {
     windows: kv::Store,
     health: kv::Store,
-    prefix: String,
 }
 
 impl KvBudgetStore {
@@ -88,36 +102,59 @@ impl KvBudgetStore {
                 "window_max_age must be at least 25 hours, the longest Pacific day".to_owned(),
             ));
         }
-        let windows = ensure_bucket(
-            js,
-            kv::Config {
-                bucket: config.bucket.clone(),
-                description: "Gemini request budgets per project and window".to_owned(),
-                history: 1,
-                max_age: config.window_max_age,
-                num_replicas: config.replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let health = ensure_bucket(
-            js,
-            kv::Config {
-                bucket: format!("{}_health", config.bucket),
-                description: "Gemini project cooldowns and key health".to_owned(),
-                history: 1,
-                num_replicas: config.replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let windows = kv::Config {
+            bucket: config.bucket.clone(),
+            description: "Gemini request budgets per project and window".to_owned(),
+            history: 1,
+            max_age: config.window_max_age,
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let health = kv::Config {
+            bucket: format!("{}_health", config.bucket),
+            description: "Gemini project cooldowns and key health".to_owned(),
+            history: 1,
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let configs = Arc::new((windows, health));
+        let buckets = open_buckets(js, &configs).await?;
         Ok(Self {
-            windows,
-            health,
+            js: js.clone(),
+            configs,
+            buckets: Arc::new(RwLock::new(buckets)),
             prefix: prefix.to_owned(),
         })
+    }
+
+    fn buckets(&self) -> Buckets {
+        self.buckets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Passes `result` on; after a backend failure while NATS is connected (so not an
+    /// outage, which the caller's retries wait out), opens the buckets again.
+    async fn reopen_after<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(result, Err(StoreError::Backend { .. }))
+            && self.js.client().connection_state() == async_nats::connection::State::Connected
+        {
+            match open_buckets(&self.js, &self.configs).await {
+                Ok(buckets) => {
+                    *self
+                        .buckets
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = buckets;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "budget store: cannot open its buckets again");
+                }
+            }
+        }
+        result
     }
 
     fn window_key(&self, window: &Window) -> String {
@@ -127,6 +164,17 @@ impl KvBudgetStore {
     fn health_key(&self) -> String {
         format!("{}.health", self.prefix)
     }
+}
+
+/// Opens (creating if need be) the window and health buckets.
+async fn open_buckets(
+    js: &jetstream::Context,
+    configs: &(kv::Config, kv::Config),
+) -> Result<Buckets, StoreError> {
+    Ok(Buckets {
+        windows: ensure_bucket(js, configs.0.clone()).await?,
+        health: ensure_bucket(js, configs.1.clone()).await?,
+    })
 }
 
 async fn ensure_bucket(
@@ -206,16 +254,17 @@ async fn after_conflict(attempt: u32) {
     tokio::time::sleep(Duration::from_micros(micros)).await;
 }
 
-#[async_trait]
-impl BudgetStore for KvBudgetStore {
-    async fn usage(&self, window: &Window) -> Result<Usage, StoreError> {
-        Ok(read::<Usage>(&self.windows, &self.window_key(window))
-            .await?
-            .map(|(usage, _)| usage)
-            .unwrap_or_default())
+impl KvBudgetStore {
+    async fn usage_once(&self, window: &Window) -> Result<Usage, StoreError> {
+        Ok(
+            read::<Usage>(&self.buckets().windows, &self.window_key(window))
+                .await?
+                .map(|(usage, _)| usage)
+                .unwrap_or_default(),
+        )
     }
 
-    async fn try_spend(
+    async fn try_spend_once(
         &self,
         window: &Window,
         add: Usage,
@@ -223,7 +272,7 @@ impl BudgetStore for KvBudgetStore {
     ) -> Result<Spend, StoreError> {
         let key = self.window_key(window);
         for attempt in 0..MAX_ATTEMPTS {
-            let current = read::<Usage>(&self.windows, &key).await?;
+            let current = read::<Usage>(&self.buckets().windows, &key).await?;
             let (usage, revision) = match current {
                 Some((usage, revision)) => (usage, Some(revision)),
                 None => (Usage::default(), None),
@@ -232,7 +281,7 @@ impl BudgetStore for KvBudgetStore {
                 return Ok(Spend::Refused(usage));
             }
             let next = usage.plus(add);
-            if write_if(&self.windows, &key, &next, revision).await? {
+            if write_if(&self.buckets().windows, &key, &next, revision).await? {
                 return Ok(Spend::Granted(next));
             }
             after_conflict(attempt).await;
@@ -243,10 +292,15 @@ impl BudgetStore for KvBudgetStore {
         })
     }
 
-    async fn adjust(&self, window: &Window, requests: i64, tokens: i64) -> Result<(), StoreError> {
+    async fn adjust_once(
+        &self,
+        window: &Window,
+        requests: i64,
+        tokens: i64,
+    ) -> Result<(), StoreError> {
         let key = self.window_key(window);
         for attempt in 0..MAX_ATTEMPTS {
-            let current = read::<Usage>(&self.windows, &key).await?;
+            let current = read::<Usage>(&self.buckets().windows, &key).await?;
             let (usage, revision) = match current {
                 Some((usage, revision)) => (usage, Some(revision)),
                 None => (Usage::default(), None),
@@ -255,7 +309,7 @@ impl BudgetStore for KvBudgetStore {
             if next == usage {
                 return Ok(());
             }
-            if write_if(&self.windows, &key, &next, revision).await? {
+            if write_if(&self.buckets().windows, &key, &next, revision).await? {
                 return Ok(());
             }
             after_conflict(attempt).await;
@@ -266,9 +320,9 @@ impl BudgetStore for KvBudgetStore {
         })
     }
 
-    async fn load_health(&self) -> Result<Versioned<Health>, StoreError> {
+    async fn load_health_once(&self) -> Result<Versioned<Health>, StoreError> {
         Ok(
-            match read::<Health>(&self.health, &self.health_key()).await? {
+            match read::<Health>(&self.buckets().health, &self.health_key()).await? {
                 Some((value, revision)) => Versioned {
                     value,
                     revision: Some(revision),
@@ -281,11 +335,46 @@ impl BudgetStore for KvBudgetStore {
         )
     }
 
+    async fn save_health_once(
+        &self,
+        health: &Health,
+        revision: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        write_if(&self.buckets().health, &self.health_key(), health, revision).await
+    }
+}
+
+#[async_trait]
+impl BudgetStore for KvBudgetStore {
+    async fn usage(&self, window: &Window) -> Result<Usage, StoreError> {
+        self.reopen_after(self.usage_once(window).await).await
+    }
+
+    async fn try_spend(
+        &self,
+        window: &Window,
+        add: Usage,
+        ceiling: Ceiling,
+    ) -> Result<Spend, StoreError> {
+        self.reopen_after(self.try_spend_once(window, add, ceiling).await)
+            .await
+    }
+
+    async fn adjust(&self, window: &Window, requests: i64, tokens: i64) -> Result<(), StoreError> {
+        self.reopen_after(self.adjust_once(window, requests, tokens).await)
+            .await
+    }
+
+    async fn load_health(&self) -> Result<Versioned<Health>, StoreError> {
+        self.reopen_after(self.load_health_once().await).await
+    }
+
     async fn save_health(
         &self,
         health: &Health,
         revision: Option<u64>,
     ) -> Result<bool, StoreError> {
-        write_if(&self.health, &self.health_key(), health, revision).await
+        self.reopen_after(self.save_health_once(health, revision).await)
+            .await
     }
 }
