@@ -178,9 +178,25 @@ impl Problem {
 }
 
 impl ApiError {
-    /// Wraps any error as an opaque 500.
+    /// Wraps any error as an opaque 500, unless it or one of its causes is the database
+    /// being unavailable (unreachable, shutting down, out of connections): then a 503
+    /// with `Retry-After`, since the same request may well succeed shortly.
     pub fn internal(error: impl Into<BoxError>) -> Self {
-        Self::Internal(error.into())
+        let error = error.into();
+        if colloquy_eventstore::unavailable_cause(error.as_ref()) {
+            Self::database_unavailable(error.as_ref())
+        } else {
+            Self::Internal(error)
+        }
+    }
+
+    /// The 503 for the database being unavailable; logged once, here, as a warning.
+    fn database_unavailable(error: &(dyn StdError + 'static)) -> Self {
+        tracing::warn!(error = %cause_chain(error), "the database is unavailable");
+        Self::Unavailable {
+            detail: "the database is unavailable; retry shortly".to_owned(),
+            retry_after: Duration::from_secs(1),
+        }
     }
 
     /// A 422 for one field.
@@ -304,6 +320,19 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// Like [`ApiError::internal`], looking through anyhow's wrapping: an `anyhow::Error`
+/// turned into a boxed error hides the error it wraps from downcasting, so the causes
+/// are read from its own chain.
+impl From<anyhow::Error> for ApiError {
+    fn from(error: anyhow::Error) -> Self {
+        if error.chain().any(colloquy_eventstore::unavailable_cause) {
+            Self::database_unavailable(error.as_ref())
+        } else {
+            Self::Internal(error.into())
+        }
+    }
+}
+
 impl From<tokio::task::JoinError> for ApiError {
     fn from(error: tokio::task::JoinError) -> Self {
         Self::internal(error)
@@ -343,7 +372,7 @@ impl From<colloquy_commands::CommandError> for ApiError {
                 code: "conflict",
                 detail: "the conversation kept changing; retry the request".to_owned(),
             },
-            CommandError::Store(e) if store_unavailable(&e) => {
+            CommandError::Store(e) if e.is_unavailable() => {
                 // Logged once, here; the client learns only that it may retry.
                 tracing::warn!(error = %cause_chain(&e), "event store unavailable");
                 Self::Unavailable {
@@ -353,22 +382,6 @@ impl From<colloquy_commands::CommandError> for ApiError {
             }
             other => Self::internal(other),
         }
-    }
-}
-
-/// Whether a store failure is the store being unreachable or overloaded (503), as
-/// opposed to a fault (500).
-fn store_unavailable(error: &colloquy_eventstore::StoreError) -> bool {
-    use colloquy_eventstore::StoreError;
-    match error {
-        StoreError::Closed => true,
-        StoreError::Backend(source) => source.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-            matches!(
-                e,
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-            )
-        }),
-        _ => false,
     }
 }
 
@@ -606,6 +619,31 @@ mod tests {
         let problem = ApiError::internal("db password is hunter2").problem();
         assert_eq!(problem.status, 500);
         assert!(!problem.detail.contains("hunter2"));
+    }
+
+    #[test]
+    fn an_unavailable_database_is_a_503_wherever_it_is_found() {
+        let status = |error: ApiError| {
+            let response = error.into_response();
+            (
+                response.status().as_u16(),
+                response.headers().contains_key(header::RETRY_AFTER),
+            )
+        };
+        assert_eq!(status(sqlx::Error::PoolTimedOut.into()), (503, true));
+        assert_eq!(
+            status(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()).into()),
+            (503, true)
+        );
+        // Wrapped by anyhow, with or without context.
+        let wrapped =
+            anyhow::Error::from(sqlx::Error::PoolTimedOut).context("reading a checkpoint");
+        assert_eq!(status(wrapped.into()), (503, true));
+        let bare = anyhow::Error::from(sqlx::Error::PoolTimedOut);
+        assert_eq!(status(bare.into()), (503, true));
+        assert_eq!(status(anyhow::anyhow!("a bug").into()), (500, false));
+        assert_eq!(status(sqlx::Error::RowNotFound.into()), (500, false));
+        assert_eq!(status(ApiError::internal("a bug")), (500, false));
     }
 
     #[test]

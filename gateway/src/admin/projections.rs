@@ -131,9 +131,7 @@ pub(crate) async fn list(
     State(state): State<GatewayState>,
     _admin: AdminUser,
 ) -> Result<Response, ApiError> {
-    let states = projection_states(&state.db)
-        .await
-        .map_err(ApiError::internal)?;
+    let states = projection_states(&state.db).await.map_err(ApiError::from)?;
     let mut items = Vec::with_capacity(states.len());
     for found in states {
         let projection = &found.lag.projection;
@@ -169,7 +167,7 @@ pub(crate) async fn rebuild(
     };
     if replay::is_rebuilding(&state.db, projection.as_ref())
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)?
     {
         return Err(busy());
     }

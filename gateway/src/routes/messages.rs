@@ -331,7 +331,7 @@ pub(crate) struct MessageItem {
         (status = 400, description = "A malformed query parameter or cursor, or more than one of cursor, before and after"),
         (status = 401, description = "No valid bearer token"),
         (status = 404, description = "No such conversation (or another user's, or archived), or `before`/`after` names no message of it"),
-        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+        (status = 503, description = "The read model has not reached the minimum position, or the database is unavailable; see `Retry-After`"),
     )
 )]
 pub(crate) async fn list(

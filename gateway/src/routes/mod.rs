@@ -350,8 +350,7 @@ impl MinPosition {
             position,
             WAIT_TIMEOUT,
         )
-        .await
-        .map_err(ApiError::internal)?;
+        .await?;
         if reached {
             Ok(())
         } else {

@@ -209,7 +209,7 @@ pub(crate) struct RunView {
         (status = 400, description = "Malformed `X-Colloquy-Min-Position`"),
         (status = 401, description = "No valid bearer token"),
         (status = 404, description = "No such run (or another user's)"),
-        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+        (status = 503, description = "The read model has not reached the minimum position, or the database is unavailable; see `Retry-After`"),
     )
 )]
 pub(crate) async fn show(

@@ -68,7 +68,7 @@ pub(crate) struct SearchPage {
         (status = 400, description = "A malformed query parameter or cursor"),
         (status = 401, description = "No valid bearer token"),
         (status = 422, description = "`q` is missing, blank, too long or contains NUL"),
-        (status = 503, description = "The read model has not reached the minimum position; see `Retry-After`"),
+        (status = 503, description = "The read model has not reached the minimum position, or the database is unavailable; see `Retry-After`"),
     )
 )]
 pub(crate) async fn search(
