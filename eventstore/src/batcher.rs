@@ -177,7 +177,10 @@ async fn run_batch(writer: &dyn BatchWriter, mut batch: Vec<Request>) {
             // each) while new appends queue behind. Every caller gets the failure at
             // once and may retry (an ambiguous commit is recognised as a replay).
             tracing::warn!(error = %error, requests = batch.len(), "batch failed: the database is unavailable");
-            let text = error_chain(&error);
+            let text = match std::error::Error::source(&error) {
+                Some(cause) => error_chain(cause),
+                None => error.to_string(),
+            };
             let mut batch = batch.into_iter();
             if let Some(first) = batch.next() {
                 let _ = first.reply.send(Err(error));
@@ -206,9 +209,9 @@ async fn run_batch(writer: &dyn BatchWriter, mut batch: Vec<Request>) {
 }
 
 /// `error: cause: cause…`.
-fn error_chain(error: &StoreError) -> String {
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
