@@ -570,27 +570,52 @@ async fn run_users(config: &Config, command: &UsersCommand, json: bool) -> anyho
             Ok(())
         }
         UsersCommand::Forget { user_id } => {
-            let account_erased = store::forget_account(&db, *user_id).await?;
-            let report = commands(store)
-                .forget_user(UserId::from_uuid(*user_id))
-                .await?;
+            // The JetStream stream too, when there is one (the external mode).
+            let fan_out = match &config.storage {
+                Storage::Postgres { nats_url, .. } => {
+                    let nats = async_nats::ConnectOptions::new()
+                        .name("colloquy-admin")
+                        .connect(crate::app::nats_servers(nats_url)?)
+                        .await
+                        .context("Failed to connect to NATS (NATS_URL) to purge the stream")?;
+                    Some(colloquy_gateway::admin::FanOutStream {
+                        jetstream: async_nats::jetstream::new(nats),
+                        stream: config.settings.stream.clone(),
+                        prefix: config.settings.subject_prefix.clone(),
+                    })
+                }
+                Storage::Embedded { .. } => None,
+            };
+            let erasure = colloquy_gateway::admin::erase_user(
+                &db,
+                &db,
+                &commands(store),
+                fan_out.as_ref(),
+                UserId::from_uuid(*user_id),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             if json {
-                print_json(&json!({
-                    "user_id": user_id,
-                    "account_erased": account_erased,
-                    "events_redacted": report.events_redacted,
-                    "streams": report.streams,
-                }));
+                print_json(&json!(erasure));
             } else {
                 println!(
-                    "{user_id}: account {}; {} event(s) redacted in {} stream(s); rebuild the read models with `colloquy replay --all`",
-                    if account_erased {
+                    "{user_id}: account {}; {} event(s) redacted in {} stream(s); read models rewritten: {}; {}",
+                    if erasure.account_erased {
                         "deleted"
                     } else {
                         "already gone"
                     },
-                    report.events_redacted,
-                    report.streams.len()
+                    erasure.events_redacted,
+                    erasure.streams.len(),
+                    if erasure.read_models.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        erasure.read_models.join(", ")
+                    },
+                    match erasure.jetstream_messages_removed {
+                        Some(n) => format!("{n} message(s) purged from the JetStream stream"),
+                        None => "no JetStream stream (embedded mode)".to_owned(),
+                    }
                 );
             }
             Ok(())

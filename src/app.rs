@@ -179,6 +179,14 @@ impl Application {
         } else {
             None
         };
+        let fan_out = match &backing {
+            Backing::External { nats, .. } => Some(colloquy_gateway::admin::FanOutStream {
+                jetstream: async_nats::jetstream::new(nats.clone()),
+                stream: config.settings.stream.clone(),
+                prefix: config.settings.subject_prefix.clone(),
+            }),
+            Backing::Embedded { .. } => None,
+        };
         let relay_stats = Arc::new(OnceLock::new());
         let metrics = crate::metrics::Scraper::new(
             roles.clone(),
@@ -197,6 +205,7 @@ impl Application {
                 live: live.clone(),
                 keys: keys.clone(),
                 rebuilds: colloquy_gateway::admin::Rebuilds::default(),
+                fan_out,
                 metrics: Arc::new(metrics),
             },
             &Edges {

@@ -175,6 +175,39 @@ impl Default for RelayConfig {
     }
 }
 
+/// Erasure (docs/adr/0003): removes every message of the given log streams from the
+/// JetStream stream `stream` (subjects under `prefix`), so the original text cannot be
+/// read back from NATS after the log was redacted. Returns how many messages went.
+///
+/// Consumers that had not yet taken a removed message see a break in the
+/// previous-position chain and read the range from the (redacted) log; the relay, if the
+/// stream's last message went, resumes from the message before it and republishes the
+/// redacted events (JetStream's duplicate window drops those it still remembers).
+///
+/// # Errors
+/// NATS is unreachable or the stream is missing.
+pub async fn purge_streams(
+    js: &jetstream::Context,
+    stream: &str,
+    prefix: &str,
+    streams: &[String],
+) -> anyhow::Result<u64> {
+    let handle = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("Failed to read JetStream stream {stream}"))?;
+    let mut purged = 0;
+    for name in streams {
+        let response = handle
+            .purge()
+            .filter(wire::stream_filter(prefix, name))
+            .await
+            .with_context(|| format!("Failed to purge {name} from JetStream stream {stream}"))?;
+        purged += response.purged;
+    }
+    Ok(purged)
+}
+
 /// Creates the relay's stream, or brings an existing one to the relay's settings:
 /// subjects `<prefix>.ev.>` (other subjects an operator added are kept), file storage,
 /// limits retention, the configured replicas, duplicate window and max age.

@@ -48,6 +48,19 @@ pub fn subject(prefix: &str, stream_name: &str, event_type: &str) -> String {
     )
 }
 
+/// The subject filter for every event of one stream.
+pub fn stream_filter(prefix: &str, stream_name: &str) -> String {
+    let (category, id) = match stream_name.split_once('-') {
+        Some((category, id)) => (category, id),
+        None => (stream_name, ""),
+    };
+    format!(
+        "{prefix}.ev.{}.{}.>",
+        encode_token(category),
+        encode_token(id)
+    )
+}
+
 /// The subject filter for one category (`None`: every event).
 pub fn filter(prefix: &str, category: Option<&str>) -> String {
     match category {
@@ -187,5 +200,10 @@ mod tests {
         assert_eq!(subject("p", "odd.name", "T"), "p.ev.odd%2Ename.%00.T");
         assert_eq!(filter("p", Some("agentRun")), "p.ev.agentRun.>");
         assert_eq!(filter("p", None), "p.ev.>");
+        assert_eq!(
+            stream_filter("colloquy", "conversation-123-abc"),
+            "colloquy.ev.conversation.123-abc.>"
+        );
+        assert_eq!(stream_filter("p", "odd.name"), "p.ev.odd%2Ename.%00.>");
     }
 }

@@ -51,6 +51,8 @@ pub struct GatewayState {
     pub keys: Option<Arc<colloquy_gemini_agent::keys::KeyPool>>,
     /// Read-model rebuilds started through the admin routes.
     pub rebuilds: admin::Rebuilds,
+    /// The JetStream stream erasure purges (`None` in the embedded mode).
+    pub fan_out: Option<admin::FanOutStream>,
     /// Renders `/metrics`.
     pub metrics: Arc<dyn Scrape>,
 }

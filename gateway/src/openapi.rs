@@ -388,20 +388,7 @@ pub mod admin {
         position: i64,
     }
 
-    /// What an erasure did, and what is left to the operator.
-    #[derive(Debug, Serialize, ToSchema)]
-    #[schema(as = AdminForgotten)]
-    pub struct Forgotten {
-        user_id: Uuid,
-        /// Whether an account (email, password hash, refresh tokens) was deleted; false
-        /// when repeated.
-        account_erased: bool,
-        /// 0 when repeated.
-        events_redacted: u64,
-        streams: Vec<String>,
-        /// How to rebuild the read models, which keep the text until then.
-        read_models: String,
-    }
+    pub use crate::admin::users::Erasure as Forgotten;
 
     #[utoipa::path(
         get,
@@ -513,9 +500,10 @@ pub mod admin {
         path = "/v1/admin/users/{user_id}/forget",
         tag = "admin",
         operation_id = "admin_forget_user",
-        description = "Erasure: deletes the user's account and refresh tokens, and redacts, in the \
+        description = "Erasure: deletes the user's account and refresh tokens; redacts, in the \
                        log, every event the user wrote and every event of the conversations they \
-                       own. The read models keep the text until rebuilt.",
+                       own; rewrites those conversations in the read models from the redacted \
+                       log; and purges their messages from the JetStream stream.",
         security(("bearer" = [])),
         params(("user_id" = Uuid, Path, description = "The user")),
         responses(

@@ -9,10 +9,13 @@
 //! - [`runner`]: applies batches with their checkpoint, catches up from the log,
 //!   follows the log; [`jetstream`] consumes the fan-out and heals gaps from the log.
 //! - [`replay`]: rebuilds into scratch tables and swaps them in; `--verify` diffs.
+//! - [`erasure`]: rewrites the rows copied from conversations whose events were
+//!   redacted.
 //! - [`wait`]: position waits (architecture rule 5).
 //!
 //! [`Database`]: colloquy_eventstore::Database
 
+pub mod erasure;
 pub mod jetstream;
 pub mod messages;
 pub mod projection;

@@ -44,6 +44,10 @@ impl Projection for Messages {
         &[("conversations", "id"), ("messages", "id")]
     }
 
+    fn conversation_tables(&self) -> &'static [(&'static str, &'static str)] {
+        &[("conversations", "id"), ("messages", "conversation_id")]
+    }
+
     async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()> {
         let decoded = decode_all::<ConversationEvent>(events, CONVERSATION_CATEGORY);
         if decoded.is_empty() {

@@ -51,6 +51,14 @@ pub trait Projection: Send + Sync + 'static {
     /// (`replay --verify` compares the live tables, built batch by batch, with a
     /// rebuild in large pages).
     async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()>;
+
+    /// The tables holding copies of conversation text, each with the column naming the
+    /// conversation a row belongs to: erasure deletes these rows and applies the
+    /// conversations' redacted events again ([`crate::erasure`]). Empty (the default)
+    /// for a read model that copies no text.
+    fn conversation_tables(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
 }
 
 impl std::fmt::Debug for dyn Projection {

@@ -86,7 +86,10 @@ pub(crate) async fn apply_fresh(
 
 /// The checkpoint of the tables `conn` writes (locked for the transaction on
 /// Postgres; SQLite's write lock is already held).
-async fn checkpoint_in(conn: &mut Conn<'_>, projection: &dyn Projection) -> anyhow::Result<i64> {
+pub(crate) async fn checkpoint_in(
+    conn: &mut Conn<'_>,
+    projection: &dyn Projection,
+) -> anyhow::Result<i64> {
     Ok(match conn {
         Conn::Postgres(conn) => {
             sqlx::query_scalar("SELECT position FROM checkpoint FOR UPDATE")

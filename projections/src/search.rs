@@ -46,6 +46,10 @@ impl Projection for Search {
         &[("conversations", "id"), ("documents", "message_id")]
     }
 
+    fn conversation_tables(&self) -> &'static [(&'static str, &'static str)] {
+        &[("conversations", "id"), ("documents", "conversation_id")]
+    }
+
     async fn apply(&self, conn: &mut Conn<'_>, events: &[RecordedEvent]) -> anyhow::Result<()> {
         let decoded = decode_all::<ConversationEvent>(events, CONVERSATION_CATEGORY);
         if decoded.is_empty() {

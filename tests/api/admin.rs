@@ -564,6 +564,91 @@ async fn a_dead_letter_is_listed_retried_and_then_completed_by_the_agent() {
     assert!(status["finished_at"].is_string(), "{status}");
 }
 
+/// Waits until every read model has applied the log up to `position`.
+async fn wait_for_read_models(app: &TestApp, position: i64) {
+    let db = app.db.database().await;
+    for projection in colloquy_projections::all_projections() {
+        assert!(
+            colloquy_projections::wait::wait_for_position(
+                &db,
+                projection.schema(),
+                position,
+                PATIENCE
+            )
+            .await
+            .unwrap(),
+            "{} reached {position}",
+            projection.name()
+        );
+    }
+}
+
+/// How many rows of the read models still hold `text` (messages, conversation
+/// titles, search documents), on either backend.
+async fn read_model_copies(app: &TestApp, text: &str) -> i64 {
+    let like = format!("%{text}%");
+    match app.db.database().await {
+        colloquy_eventstore::Database::Postgres(pool) => sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM rm_messages.messages WHERE text LIKE $1)
+                  + (SELECT count(*) FROM rm_messages.conversations
+                      WHERE title LIKE $1 OR last_message_preview LIKE $1)
+                  + (SELECT count(*) FROM rm_search.documents WHERE text LIKE $1)",
+        )
+        .bind(like)
+        .fetch_one(&pool)
+        .await
+        .unwrap(),
+        colloquy_eventstore::Database::Sqlite(pool) => sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM rm_messages_messages WHERE text LIKE $1)
+                  + (SELECT count(*) FROM rm_messages_conversations
+                      WHERE title LIKE $1 OR last_message_preview LIKE $1)
+                  + (SELECT count(*) FROM rm_search_documents WHERE text LIKE $1)",
+        )
+        .bind(like)
+        .fetch_one(&pool)
+        .await
+        .unwrap(),
+    }
+}
+
+/// The JetStream stream's messages whose payload holds `text` (`None` in the embedded
+/// mode), once the stream holds every event up to `position`.
+async fn jetstream_copies(app: &TestApp, text: &str, position: i64) -> Option<usize> {
+    if crate::helpers::embedded() {
+        return None;
+    }
+    let client = async_nats::connect(colloquy_testkit::nats_url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(app.prefix.to_uppercase()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let state = stream.info().await.unwrap().state.clone();
+        let mut found = 0;
+        let mut highest = 0;
+        for sequence in state.first_sequence..=state.last_sequence {
+            let Ok(message) = stream.get_raw_message(sequence).await else {
+                continue;
+            };
+            let payload = String::from_utf8_lossy(&message.payload).into_owned();
+            if payload.contains(text) {
+                found += 1;
+            }
+            let event: Value = serde_json::from_str(&payload).unwrap();
+            highest = highest.max(event["globalPosition"].as_i64().unwrap_or(0));
+        }
+        if highest >= position {
+            return Some(found);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream never held position {position}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn forgetting_a_user_removes_their_text_from_the_stream() {
     let app = spawn_app().await;
@@ -571,14 +656,28 @@ async fn forgetting_a_user_removes_their_text_from_the_stream() {
     let other = app.register_and_login().await;
     let admin = app.register_admin().await;
     let conversation = app.create_conversation(&user).await;
-    app.send_message(&user, &conversation, "my secret plan", false)
+    let sent = app
+        .send_message(&user, &conversation, "my secret plan", false)
         .await;
     let theirs = app.create_conversation(&other).await;
-    app.send_message(&other, &theirs, "their own words", false)
+    let last = app
+        .send_message(&other, &theirs, "their own words", false)
         .await;
+    let position = last["position"].as_i64().unwrap();
+    assert!(sent["position"].as_i64().unwrap() < position);
     let stream = format!("/v1/admin/streams/conversation-{conversation}");
     let before = get_json(&app, &stream, &admin).await;
     assert!(before.to_string().contains("my secret plan"));
+    // Every copy exists before: the read models (once they reach the last command) and
+    // the JetStream stream.
+    wait_for_read_models(&app, position).await;
+    assert_eq!(
+        read_model_copies(&app, "my secret plan").await,
+        3,
+        "the message, the preview and the search document"
+    );
+    let copies = jetstream_copies(&app, "my secret plan", position).await;
+    assert!(copies.is_none_or(|n| n >= 1), "{copies:?}");
 
     let response = app
         .request(
@@ -600,13 +699,34 @@ async fn forgetting_a_user_removes_their_text_from_the_stream() {
             .contains(&json!(format!("conversation-{conversation}"))),
         "{report}"
     );
-    assert!(
-        report["read_models"]
-            .as_str()
-            .unwrap()
-            .contains("colloquy replay --all"),
+    assert_eq!(
+        report["read_models"],
+        json!(["messages", "search"]),
         "{report}"
     );
+    if crate::helpers::embedded() {
+        assert_eq!(
+            report["jetstream_messages_removed"],
+            Value::Null,
+            "{report}"
+        );
+    } else {
+        assert!(
+            report["jetstream_messages_removed"].as_u64().unwrap() >= 2,
+            "{report}"
+        );
+    }
+    // No copy is left: not in the read models, not in the JetStream stream; the other
+    // user's text stays everywhere.
+    assert_eq!(read_model_copies(&app, "my secret plan").await, 0);
+    assert_eq!(read_model_copies(&app, "their own words").await, 3);
+    if let Some(copies) = jetstream_copies(&app, "my secret plan", position).await {
+        assert_eq!(copies, 0);
+        assert_eq!(
+            jetstream_copies(&app, "their own words", position).await,
+            Some(1)
+        );
+    }
 
     let after = get_json(&app, &stream, &admin).await;
     assert!(!after.to_string().contains("my secret plan"), "{after}");

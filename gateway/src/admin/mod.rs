@@ -21,12 +21,13 @@ mod keys;
 pub mod projections;
 pub mod runs;
 mod streams;
-mod users;
+pub mod users;
 
 use axum::Router;
 use axum::routing::{get, post};
 
 pub use projections::Rebuilds;
+pub use users::{Erasure, FanOutStream, erase_user};
 
 use crate::GatewayState;
 
