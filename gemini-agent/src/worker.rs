@@ -787,7 +787,12 @@ impl Agent {
                             .increment(usage.candidates_token_count);
                     }
                     let tokens = usage.as_ref().map_or(estimate, |u| u.prompt_token_count);
-                    pool.report(lease, Outcome::Success { tokens }).await?;
+                    // The reply is in hand (and paid for): an unrecorded usage (the budget
+                    // store away, NATS down) leaves the window at the estimate, and is no
+                    // reason to lose the reply and call Gemini again.
+                    if let Err(error) = pool.report(lease, Outcome::Success { tokens }).await {
+                        tracing::warn!(error = %error, "agent: the call's usage was not recorded");
+                    }
                     return self
                         .complete(run, attempt, text, finish_reason, usage, ctx)
                         .await;

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
-use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini};
+use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault};
 use colloquy_projections::all_projections;
 use colloquy_projections::wait::wait_for_position;
 use colloquy_testkit::NatsServer;
@@ -546,4 +546,69 @@ async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
         .read_until(&app, *expected.last().unwrap())
         .await;
     users_client.assert_saw(&expected);
+}
+
+#[tokio::test]
+async fn a_run_in_flight_when_nats_goes_down_completes_with_the_reply_it_got() {
+    let mut nats = NatsServer::start().await;
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_on(&nats, Some(&fake)).await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    // A slow reply: NATS goes down while Gemini is answering.
+    fake.push_fault(Fault::Latency {
+        before_first_byte: Duration::ZERO,
+        between_chunks: Duration::from_secs(1),
+    });
+    let sent = app
+        .send_message(&user, &conversation, "in flight", true)
+        .await;
+    let run = sent["run_id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(BOUND, async {
+        while generation_calls(&fake) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the agent calls Gemini");
+    nats.kill();
+    nats_seen_as(&app, "down").await;
+    // The reply is in hand and the log is up: the run completes without NATS (its
+    // usage could not be recorded in the shared budgets, which is no reason to lose it).
+    let finished = finished_run(&app, &user, &run).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(
+        nats_seen_as_now(&app).await,
+        "down",
+        "completed during the outage"
+    );
+    nats.restart().await;
+    nats_seen_as(&app, "up").await;
+    // Whatever NATS redelivers changes nothing: one call, one reply.
+    agent_consumer_drained(&nats, &app).await;
+    assert_eq!(generation_calls(&fake), 1, "Gemini was called once");
+    let replies = log(&app)
+        .await
+        .iter()
+        .filter(|e| e.event_type == "MessageSent" && e.data["author"] == "assistant")
+        .count();
+    assert_eq!(replies, 1);
+}
+
+fn generation_calls(fake: &FakeGemini) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
+        .count()
+}
+
+/// NATS's status on `/readyz` now.
+async fn nats_seen_as_now(app: &TestApp) -> String {
+    let body: Value = app.get("/readyz").await.json().await.unwrap();
+    body["checks"]["nats"]["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
