@@ -64,6 +64,13 @@ pub enum AdminCommand {
     /// Access tokens for scripts.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// After restoring a database backup (with every Colloquy process stopped): resets
+    /// what points past the restored log. Deletes the JetStream stream (with its
+    /// consumers) and the relay's checkpoint, so the relay republishes the restored log
+    /// into a new stream at start; rebuilds any read model whose checkpoint is past the
+    /// log's head; sets the database's search_path, which a dump does not carry. See
+    /// docs/OPERATIONS.md, "Backup and restore".
+    AfterRestore,
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,6 +257,7 @@ pub async fn run(config: &Config, args: &AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Runs(command) => run_runs(config, command, json).await,
         AdminCommand::Keys(command) => run_keys(config, command, json).await,
         AdminCommand::Users(command) => run_users(config, command, json).await,
+        AdminCommand::AfterRestore => after_restore(config, json).await,
         AdminCommand::Tokens(TokensCommand::Issue { user, ttl }) => {
             // What the gateways sign with: the key file, the shared secret, or the
             // embedded mode's own secret (`serve` made it beside the file).
@@ -345,6 +353,96 @@ async fn run_projections(
             Ok(())
         }
     }
+}
+
+/// `colloquy admin after-restore`: see [`AdminCommand::AfterRestore`].
+async fn after_restore(config: &Config, json: bool) -> anyhow::Result<()> {
+    let (db, store) = connect(config).await?;
+    let head = store.head().await?;
+    // Read models built past the restored log hold events that no longer exist.
+    let mut rebuilt = Vec::new();
+    for projection in colloquy_projections::all_projections() {
+        let checkpoint =
+            colloquy_projections::runner::read_checkpoint(&db, projection.schema()).await?;
+        if checkpoint > head {
+            colloquy_projections::replay::rebuild(&db, &store, projection.as_ref(), &|_, _| {})
+                .await?;
+            rebuilt.push(json!({ "name": projection.name(), "checkpoint_was": checkpoint }));
+        }
+    }
+    // The stream holds the old log's events, positions the restored log will give to
+    // other events: it goes, and the relay republishes the restored log from 0.
+    let mut stream_deleted = None;
+    if let (Storage::Postgres { nats_url, .. }, Database::Postgres(pool)) = (&config.storage, &db) {
+        // A dump restored into a new database does not carry the database-level
+        // search_path migration 0002 set (Message DB clients call its functions
+        // unqualified).
+        sqlx::query(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path TO \"$user\", public, message_store', current_database()); END $$",
+        )
+        .execute(pool)
+        .await
+        .context("Failed to set the database's search_path (is this the database's owner?)")?;
+        let nats = async_nats::ConnectOptions::new()
+            .name("colloquy-admin")
+            .connect(crate::app::nats_servers(nats_url)?)
+            .await
+            .context("Failed to connect to NATS (NATS_URL)")?;
+        let js = async_nats::jetstream::new(nats);
+        let name = &config.settings.stream;
+        let deleted = match js.delete_stream(name).await {
+            Ok(_) => true,
+            Err(error)
+                if matches!(&error.kind(),
+                    async_nats::jetstream::context::DeleteStreamErrorKind::JetStream(e)
+                        if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                false
+            }
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("Failed to delete JetStream stream {name}"));
+            }
+        };
+        sqlx::query("DELETE FROM colloquy.relay_checkpoint WHERE stream = $1")
+            .bind(name)
+            .execute(pool)
+            .await
+            .context("Failed to reset the relay checkpoint")?;
+        stream_deleted = Some(deleted);
+    }
+    if json {
+        print_json(&json!({
+            "log_head": head,
+            "rebuilt": rebuilt,
+            "stream": config.settings.stream,
+            "stream_deleted": stream_deleted,
+        }));
+    } else {
+        println!("log head: {head}");
+        if rebuilt.is_empty() {
+            println!("read models: every checkpoint is within the log");
+        }
+        for item in &rebuilt {
+            println!(
+                "read model {}: checkpoint {} was past the log; rebuilt",
+                item["name"].as_str().unwrap_or_default(),
+                item["checkpoint_was"]
+            );
+        }
+        match stream_deleted {
+            Some(true) => println!(
+                "JetStream stream {}: deleted; the relay republishes the log from position 0 when it starts",
+                config.settings.stream
+            ),
+            Some(false) => println!(
+                "JetStream stream {}: did not exist; the relay publishes the log from position 0 when it starts",
+                config.settings.stream
+            ),
+            None => println!("no JetStream stream (embedded mode)"),
+        }
+    }
+    Ok(())
 }
 
 async fn run_runs(config: &Config, command: &RunsCommand, json: bool) -> anyhow::Result<()> {

@@ -72,6 +72,20 @@ async fn admin() -> PgConnection {
 }
 
 impl TestDatabase {
+    /// An empty database (no migrations), dropped like the others: for restoring a dump
+    /// into.
+    pub async fn empty() -> Self {
+        let mut admin = admin().await;
+        let name = format!("colloquy_test_{}", Uuid::new_v4().simple());
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create an empty test database");
+        let _ = admin.close().await;
+        let url = url_for(&name);
+        Self { name, url }
+    }
+
     /// Creates a database from the migrated template (creating the template first if
     /// this migration set has none yet; concurrent test processes serialise on an
     /// advisory lock so only one migrates it).

@@ -729,3 +729,178 @@ async fn admin_tokens_issue_signs_with_the_private_key_file() {
         "{body}"
     );
 }
+
+/// Every event id and position the JetStream stream `name` holds, in stream order, once
+/// it holds position `until`.
+async fn stream_events(name: &str, until: i64) -> Vec<(String, i64)> {
+    let client = async_nats::connect(colloquy_testkit::nats_url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut held = Vec::new();
+        if let Ok(mut stream) = js.get_stream(name).await {
+            let state = stream.info().await.unwrap().state.clone();
+            for sequence in state.first_sequence..=state.last_sequence {
+                if let Ok(message) = stream.get_raw_message(sequence).await {
+                    let event: serde_json::Value =
+                        serde_json::from_slice(&message.payload).unwrap();
+                    held.push((
+                        event["id"].as_str().unwrap().to_owned(),
+                        event["globalPosition"].as_i64().unwrap(),
+                    ));
+                }
+            }
+        }
+        if held.iter().any(|(_, position)| *position >= until) {
+            return held;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream never held position {until}: {held:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// docs/OPERATIONS.md, "Backup and restore", step by step: `pg_dump`, more writes (lost
+/// with the restore), `pg_restore` into a fresh database, `colloquy admin after-restore`,
+/// start again. Positions rewind to the backup's; nothing points at the lost events: the
+/// JetStream stream holds exactly the restored log (then the new events), the read
+/// models equal a replay, and new commands continue from the restored head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_rewinds_positions_and_the_stream() {
+    use colloquy_eventstore::LogFilter;
+    let mut app = crate::helpers::spawn_app().await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    for text in ["one", "two", "three"] {
+        app.send_message(&user, &conversation, text, false).await;
+    }
+    let backed_up = app.store.head().await.unwrap();
+    let stream = app.prefix.to_uppercase();
+    stream_events(&stream, backed_up).await;
+
+    let dir = std::env::temp_dir().join(format!("colloquy-backup-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dump = dir.join("colloquy.dump");
+    let output = Command::new("pg_dump")
+        .args(["--format=custom", "--file"])
+        .arg(&dump)
+        .arg(app.db.url())
+        .output_in_place()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Written after the backup: the restore loses them, and the stream has them.
+    for text in ["lost four", "lost five"] {
+        app.send_message(&user, &conversation, text, false).await;
+    }
+    let lost_head = app.store.head().await.unwrap();
+    assert!(lost_head > backed_up);
+    stream_events(&stream, lost_head).await;
+    app.stop().await.unwrap();
+
+    // A fresh database, the dump restored into it.
+    let restored = colloquy_testkit::TestDatabase::empty().await;
+    let output = Command::new("pg_restore")
+        .args(["--no-owner", "--dbname", &restored.url])
+        .arg(&dump)
+        .output_in_place()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut after = colloquy();
+    after
+        .args(["admin", "after-restore", "--json"])
+        .env("DATABASE_URL", &restored.url)
+        .env("NATS_URL", colloquy_testkit::nats_url())
+        .env("COLLOQUY_SUBJECT_PREFIX", &app.prefix)
+        .env("COLLOQUY_STREAM", &stream);
+    let report = json_of(&mut after);
+    assert_eq!(report["log_head"], backed_up, "{report}");
+    assert_eq!(report["stream_deleted"], true, "{report}");
+    assert_eq!(report["rebuilt"], serde_json::json!([]), "{report}");
+
+    // Start again on the restored database, with the same NATS stream.
+    let prefix = app.prefix.clone();
+    let url = restored.url.clone();
+    let app = crate::helpers::spawn_app_with(move |settings| {
+        settings.database_url = Some(secrecy::SecretString::from(url));
+        settings.subject_prefix = prefix.clone();
+        settings.stream = prefix.to_uppercase();
+    })
+    .await;
+    let user = app.login(&user.id, &user.email).await;
+    let sent = app.send_message(&user, &conversation, "after", false).await;
+    let position = sent["position"].as_i64().unwrap();
+    assert!(
+        position > backed_up && position <= lost_head,
+        "positions rewound: {sent}"
+    );
+
+    let log = app
+        .store
+        .read_log(&LogFilter::All, 0, 100_000)
+        .await
+        .unwrap();
+    let expected: Vec<(String, i64)> = log
+        .iter()
+        .map(|e| (e.id.to_string(), e.global_position))
+        .collect();
+    assert_eq!(stream_events(&stream, position).await, expected);
+
+    let pool = sqlx::PgPool::connect(&restored.url).await.unwrap();
+    let db = colloquy_eventstore::Database::Postgres(pool.clone());
+    for projection in colloquy_projections::all_projections() {
+        assert!(
+            colloquy_projections::wait::wait_for_position(
+                &db,
+                projection.schema(),
+                position,
+                std::time::Duration::from_secs(30)
+            )
+            .await
+            .unwrap()
+        );
+        let differences =
+            colloquy_projections::replay::verify(&db, &app.store, projection.as_ref(), &|_, _| {})
+                .await
+                .unwrap();
+        assert!(
+            differences.is_empty(),
+            "{}: {differences:?}",
+            projection.name()
+        );
+    }
+    let texts: Vec<String> = app
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{conversation}/messages"),
+            &user,
+        )
+        .header("X-Colloquy-Min-Position", position.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three", "after"]);
+    pool.close().await;
+}

@@ -279,7 +279,8 @@ impl TestApp {
         self.login(&user.id, &user.email).await
     }
 
-    async fn login(&self, id: &str, email: &str) -> TestUser {
+    /// Logs an existing test user in again (a restarted app, say).
+    pub async fn login(&self, id: &str, email: &str) -> TestUser {
         let response = self
             .client
             .post(self.url("/v1/auth/login"))
