@@ -25,6 +25,7 @@ use colloquy_testkit::NatsServer;
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, spawn_app_with};
 
@@ -131,15 +132,8 @@ impl LiveClient {
     async fn read_until(&mut self, app: &TestApp, position: GlobalPosition) {
         tokio::time::timeout(BOUND, async {
             while self.last().is_none_or(|last| last < position) {
-                match self.reader.next().await {
-                    Some(SseEvent { id: Some(id), .. }) => self.seen.push(id.parse().unwrap()),
-                    Some(_) => {}
-                    None => {
-                        self.reconnects += 1;
-                        let response = app.sse(&self.path, &self.user, self.last()).await;
-                        self.reader = SseReader::new(response);
-                    }
-                }
+                let next = self.reader.next().await;
+                self.take(app, next).await;
             }
         })
         .await
@@ -149,6 +143,30 @@ impl LiveClient {
                 self.path, self.seen
             )
         });
+    }
+
+    /// Reads until `stop` is cancelled.
+    async fn read_until_stopped(&mut self, app: &TestApp, stop: &CancellationToken) {
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                next = self.reader.next() => next,
+            };
+            self.take(app, next).await;
+        }
+    }
+
+    /// Records an event, or reconnects after the end of the stream.
+    async fn take(&mut self, app: &TestApp, next: Option<SseEvent>) {
+        match next {
+            Some(SseEvent { id: Some(id), .. }) => self.seen.push(id.parse().unwrap()),
+            Some(_) => {}
+            None => {
+                self.reconnects += 1;
+                let response = app.sse(&self.path, &self.user, self.last()).await;
+                self.reader = SseReader::new(response);
+            }
+        }
     }
 
     /// Asserts the client saw exactly `expected` after where it started: every event
@@ -604,6 +622,15 @@ fn generation_calls(fake: &FakeGemini) -> usize {
         .count()
 }
 
+/// The relay's failures so far (`/metrics`).
+async fn relay_failures(app: &TestApp) -> u64 {
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("colloquy_relay_failures_total "))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
 /// NATS's status on `/readyz` now.
 async fn nats_seen_as_now(app: &TestApp) -> String {
     let body: Value = app.get("/readyz").await.json().await.unwrap();
@@ -611,4 +638,105 @@ async fn nats_seen_as_now(app: &TestApp) -> String {
         .as_str()
         .unwrap()
         .to_owned()
+}
+
+#[tokio::test]
+async fn a_flapping_nats_under_steady_writes_loses_and_repeats_nothing() {
+    let mut nats = NatsServer::start().await;
+    let url = nats.url();
+    // The writer writes faster than the per-user command rate limit allows.
+    let app = spawn_app_with(move |settings| {
+        settings.nats_url = Some(url);
+        settings.commands_per_second = 10_000;
+        settings.command_burst = 10_000;
+    })
+    .await;
+    app.wait_until_ready().await;
+    let user = app.register_and_login().await;
+    let conversations = [
+        app.create_conversation(&user).await,
+        app.create_conversation(&user).await,
+    ];
+    let mut conversation_client = LiveClient::open(
+        &app,
+        &user,
+        format!("/v1/conversations/{}/events", conversations[0]),
+        Some(0),
+    )
+    .await;
+    let mut users_client = LiveClient::open(&app, &user, "/v1/events".into(), Some(0)).await;
+    let stop = CancellationToken::new();
+    // A steady writer through the API; every command must be accepted.
+    let writer = async {
+        let mut sent = 0_usize;
+        while !stop.is_cancelled() {
+            let conversation = &conversations[sent % 2];
+            app.send_message(&user, conversation, &format!("message {sent}"), false)
+                .await;
+            sent += 1;
+            // Steady, not flat out: the machine is shared.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sent
+    };
+    // NATS killed and restarted three times while the writer writes. Down, the log
+    // moves on by some commands; up, the relay catches the stream up with the log and
+    // some commands travel through NATS live.
+    let flapper = async {
+        let moved_on = async |by: i64| {
+            let from = app.store.head().await.unwrap();
+            tokio::time::timeout(BOUND, async {
+                while app.store.head().await.unwrap() < from + by {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the writer keeps writing");
+        };
+        for _ in 0..3 {
+            let failures = relay_failures(&app).await;
+            nats.kill();
+            nats_seen_as(&app, "down").await;
+            moved_on(20).await;
+            // Long enough for the relay to give up on NATS, not only to queue.
+            tokio::time::timeout(BOUND, async {
+                while relay_failures(&app).await == failures {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("the relay notices the outage");
+            let missed = app.store.head().await.unwrap();
+            nats.restart().await;
+            nats_seen_as(&app, "up").await;
+            stream_messages(&nats, &app, missed).await;
+            moved_on(20).await;
+        }
+        stop.cancel();
+    };
+    // The live clients read throughout.
+    let (sent, (), (), ()) = tokio::join!(
+        writer,
+        flapper,
+        conversation_client.read_until_stopped(&app, &stop),
+        users_client.read_until_stopped(&app, &stop),
+    );
+    assert!(sent >= 30, "{sent} commands");
+    let head = app.store.head().await.unwrap();
+    read_models_reach(&app, head).await;
+    assert_eq!(
+        stream_messages(&nats, &app, head).await,
+        u64::try_from(head).unwrap(),
+        "the relay published each event once"
+    );
+    let expected = conversation_positions(&app, &conversations[0]).await;
+    conversation_client
+        .read_until(&app, *expected.last().unwrap())
+        .await;
+    conversation_client.assert_saw(&expected);
+    let expected = users_positions(&app).await;
+    users_client
+        .read_until(&app, *expected.last().unwrap())
+        .await;
+    users_client.assert_saw(&expected);
 }
