@@ -60,6 +60,16 @@ pub fn all_roles() -> BTreeSet<Role> {
         .collect()
 }
 
+/// `roles` as `serve --roles` takes them: `gateway,relay,projector,agent`.
+pub fn roles_label(roles: &BTreeSet<Role>) -> String {
+    roles
+        .iter()
+        .filter_map(clap::ValueEnum::to_possible_value)
+        .map(|value| value.get_name().to_owned())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A built application, listening but not yet serving.
 #[derive(Debug)]
 pub struct Application {

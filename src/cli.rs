@@ -204,15 +204,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None
             };
             let config = settings.validate()?;
-            let _telemetry = telemetry::init(
-                config.settings.rust_log.as_deref(),
-                config.settings.otel_endpoint.as_deref(),
-            )?;
             let roles = if args.roles.is_empty() {
                 crate::app::all_roles()
             } else {
                 args.roles.iter().copied().collect()
             };
+            let _telemetry = telemetry::init_for_roles(
+                config.settings.rust_log.as_deref(),
+                config.settings.otel_endpoint.as_deref(),
+                Some(&crate::app::roles_label(&roles)),
+            )?;
             let app = Application::build_with_roles(config, None, roles).await?;
             let addr = app.local_addr();
             let gemini = if args.fake_gemini {

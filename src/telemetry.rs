@@ -34,6 +34,17 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber. `rust_log` overrides [`DEFAULT_FILTER`].
 pub fn init(rust_log: Option<&str>, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+    init_for_roles(rust_log, otlp_endpoint, None)
+}
+
+/// [`init`] for `serve`: the exported spans' resource names the process's roles
+/// (`colloquy.roles`, e.g. `gateway,projector`) beside its `service.name` (`colloquy`,
+/// or `OTEL_SERVICE_NAME`) and `process.pid`, so a trace shows which process did what.
+pub fn init_for_roles(
+    rust_log: Option<&str>,
+    otlp_endpoint: Option<&str>,
+    roles: Option<&str>,
+) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(rust_log.unwrap_or(DEFAULT_FILTER))
         .map_err(|e| anyhow::anyhow!("RUST_LOG is not a valid filter: {e}"))?;
     let fmt = if std::io::stderr().is_terminal() {
@@ -52,7 +63,7 @@ pub fn init(rust_log: Option<&str>, otlp_endpoint: Option<&str>) -> anyhow::Resu
     let mut telemetry = Telemetry::default();
     let otel = match otlp_endpoint {
         Some(endpoint) => {
-            let provider = otlp_provider(endpoint)?;
+            let provider = otlp_provider(endpoint, roles)?;
             let tracer = provider.tracer("colloquy");
             telemetry.provider = Some(provider.clone());
             opentelemetry::global::set_tracer_provider(provider);
@@ -72,7 +83,7 @@ pub fn init(rust_log: Option<&str>, otlp_endpoint: Option<&str>) -> anyhow::Resu
     Ok(telemetry)
 }
 
-fn otlp_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+fn otlp_provider(endpoint: &str, roles: Option<&str>) -> anyhow::Result<SdkTracerProvider> {
     let traces = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -81,9 +92,23 @@ fn otlp_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
         .map_err(|e| {
             anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT: cannot build the exporter: {e}")
         })?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name("colloquy")
-        .build();
+    // The builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without a
+    // service name it would say `unknown_service`.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("colloquy");
+    }
+    resource = resource.with_attribute(opentelemetry::KeyValue::new(
+        "process.pid",
+        i64::from(std::process::id()),
+    ));
+    if let Some(roles) = roles {
+        resource = resource.with_attribute(opentelemetry::KeyValue::new(
+            "colloquy.roles",
+            roles.to_owned(),
+        ));
+    }
+    let resource = resource.build();
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource)

@@ -20,6 +20,7 @@ pub mod model;
 pub mod postgres;
 pub mod sqlite;
 pub mod store;
+pub mod trace;
 pub mod wire;
 
 pub use database::{Backend, Database};

@@ -91,6 +91,7 @@ pub fn router_with(state: GatewayState, edges: &edges::Edges) -> Result<Router, 
             edges::bounded(timeout, request, next)
         }))
         .layer(axum::middleware::from_fn(metrics::observe))
+        .layer(axum::middleware::from_fn(trace_request))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -98,4 +99,37 @@ pub fn router_with(state: GatewayState, edges: &edges::Edges) -> Result<Router, 
                 .layer(axum::middleware::from_fn(error::problem_request_id)),
         );
     edges::apply(router, edges)
+}
+
+/// One span per request, continuing the client's trace (a valid `traceparent` header)
+/// or starting one; the commands it runs record it in their events' metadata, so the
+/// relay, the projectors and the agent continue the same trace. It names the route,
+/// never the path or query (which may hold ids and tokens).
+async fn trace_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    colloquy_eventstore::trace::continue_from(
+        &span,
+        request
+            .headers()
+            .get(colloquy_eventstore::wire::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }

@@ -42,6 +42,7 @@ use colloquy_eventstore::{GlobalPosition, LogFilter, Subscription, SubscriptionI
 use futures::StreamExt as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::backoff::{Backoff, RetryDecision, RetrySchedule};
@@ -605,48 +606,55 @@ impl Agent {
             .first()
             .map(|e| e.data.clone())
             .unwrap_or_default();
-        // The requester's context, with the request's trace.
-        let ctx = Context::new(state.requested_by()).with_traceparent(
-            requested
-                .first()
-                .and_then(wire::traceparent)
-                .map(str::to_owned),
-        );
-        if state.status() == RunStatus::Running {
-            let take_over = match trigger {
-                Trigger::Delivered => false,
-                Trigger::Redelivered => true,
-                Trigger::Sweep => {
-                    self.silent_for(run, self.inner.settings.stale_after)
-                        .await?
+        // The work is a span in the request's trace, and the events it appends carry
+        // it on (the requester's context).
+        let traceparent = requested
+            .first()
+            .and_then(wire::traceparent)
+            .map(str::to_owned);
+        let span = tracing::info_span!("agent.run", run.id = %run, attempt = state.attempt());
+        colloquy_eventstore::trace::continue_from(&span, traceparent.as_deref());
+        async move {
+            let ctx = Context::new(state.requested_by())
+                .with_traceparent(colloquy_eventstore::trace::current().or(traceparent));
+            if state.status() == RunStatus::Running {
+                let take_over = match trigger {
+                    Trigger::Delivered => false,
+                    Trigger::Redelivered => true,
+                    Trigger::Sweep => {
+                        self.silent_for(run, self.inner.settings.stale_after)
+                            .await?
+                    }
+                };
+                if !take_over {
+                    return Ok(Handled::Skipped("another agent is running it"));
                 }
+                // Its agent stopped mid-attempt: close that attempt, retry now.
+                let attempt = state.attempt();
+                match commands
+                    .run(
+                        run,
+                        RunCommand::ScheduleRetry {
+                            attempt,
+                            reason: format!("the agent running attempt {attempt} stopped"),
+                            not_before: Utc::now(),
+                        },
+                        &ctx,
+                    )
+                    .await
+                {
+                    Ok(_) => retried("taken_over"),
+                    Err(CommandError::Domain(_)) => return Ok(Handled::Skipped("moved on")),
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            let Some(pool) = self.inner.pool.clone() else {
+                return self.fail(&state, NO_KEYS.to_owned(), &ctx).await;
             };
-            if !take_over {
-                return Ok(Handled::Skipped("another agent is running it"));
-            }
-            // Its agent stopped mid-attempt: close that attempt, retry now.
-            let attempt = state.attempt();
-            match commands
-                .run(
-                    run,
-                    RunCommand::ScheduleRetry {
-                        attempt,
-                        reason: format!("the agent running attempt {attempt} stopped"),
-                        not_before: Utc::now(),
-                    },
-                    &ctx,
-                )
-                .await
-            {
-                Ok(_) => retried("taken_over"),
-                Err(CommandError::Domain(_)) => return Ok(Handled::Skipped("moved on")),
-                Err(error) => return Err(error.into()),
-            }
+            self.attempt(&state, &request_data, &pool, &ctx).await
         }
-        let Some(pool) = self.inner.pool.clone() else {
-            return self.fail(&state, NO_KEYS.to_owned(), &ctx).await;
-        };
-        self.attempt(&state, &request_data, &pool, &ctx).await
+        .instrument(span)
+        .await
     }
 
     /// Whether the run's last event is older than `quiet`.
@@ -911,7 +919,13 @@ impl Agent {
                 }
             }
             CallEnd::Failed(CallFailure::Incomplete)
-        };
+        }
+        .instrument(tracing::info_span!(
+            "gemini.stream_generate",
+            otel.kind = "client",
+            gemini.model = model,
+            attempt,
+        ));
         tokio::select! {
             end = call => end,
             () = cancelled.cancelled() => CallEnd::Cancelled,

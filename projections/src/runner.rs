@@ -232,8 +232,32 @@ impl Runner {
     }
 
     /// Applies a batch to the live tables.
+    ///
+    /// Traced as one span in the trace of the batch's first traced event, linked to the
+    /// traces of the others.
     pub async fn apply(&self, events: &[RecordedEvent]) -> anyhow::Result<GlobalPosition> {
-        let position = apply_batch(&self.db, self.projection.as_ref(), events).await?;
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "projection.apply",
+            projection = self.projection.name(),
+            events = events.len(),
+        );
+        let mut traces = events
+            .iter()
+            .filter_map(colloquy_eventstore::wire::traceparent);
+        let first = traces.next();
+        colloquy_eventstore::trace::continue_from(&span, first);
+        let mut last = first;
+        for other in traces {
+            // A command's events share one trace context: link each run of them once.
+            if Some(other) != last {
+                colloquy_eventstore::trace::link_to(&span, other);
+                last = Some(other);
+            }
+        }
+        let position = apply_batch(&self.db, self.projection.as_ref(), events)
+            .instrument(span)
+            .await?;
         self.checkpoint.send_if_modified(|current| {
             let newer = position > *current;
             if newer {

@@ -19,3 +19,4 @@ mod message_db;
 mod metrics;
 mod readme;
 mod slow_client;
+mod traces;

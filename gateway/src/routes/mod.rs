@@ -193,7 +193,8 @@ impl Idempotency {
 
     /// The context a command of `user` runs in.
     pub(crate) fn context(&self, user: AuthUser) -> Context {
-        let ctx = Context::new(user_id(user));
+        let ctx =
+            Context::new(user_id(user)).with_traceparent(colloquy_eventstore::trace::current());
         match &self.0 {
             Some((key, fingerprint)) => ctx.with_idempotency(key.clone(), fingerprint.clone()),
             None => ctx,
