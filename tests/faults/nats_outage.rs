@@ -1,7 +1,7 @@
 //! NATS outage: the broker is a fan-out, never the record. Each test runs the whole
 //! application (gateway, relay, projector, agent) against a private `nats-server` of
 //! its own, crashes it (`kill`, JetStream's files kept) and starts it again on the same
-//! port and store, with real Postgres throughout.
+//! port and store (or, once, on an empty store), with real Postgres throughout.
 //!
 //! Shown here, beyond the fan-out test of the api suite (which writes through the
 //! command side directly):
@@ -10,10 +10,15 @@
 //! - the read models follow the log during the outage and reach its head after it, the
 //!   stream holds each event once, and every run requested during the outage completes
 //!   once NATS is back, with exactly one assistant reply;
+//! - a run whose Gemini call is under way when NATS goes down completes with that
+//!   reply during the outage (Gemini is not called again);
+//! - a server that comes back without its JetStream data: the agent makes its consumer
+//!   and its budget buckets again, and runs complete;
 //! - a live client connected across the outage keeps receiving (the hub heals from the
 //!   log), and one that reconnects with `Last-Event-ID` during the outage gets what the
 //!   log has; in the end each has seen every event of its scope once, in position
-//!   order, with no gap.
+//!   order, with no gap; the same under steady writes with NATS killed and restarted
+//!   three times.
 
 use std::time::Duration;
 
