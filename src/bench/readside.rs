@@ -60,8 +60,11 @@ pub struct LagArgs {
     /// How long to append.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The Postgres server to use (default: DATABASE_URL). A scratch database is
+    /// created on it and dropped at the end.
     #[arg(long)]
     pub database_url: Option<String>,
     /// NATS server with JetStream (default: NATS_URL).
@@ -75,10 +78,14 @@ pub struct RelayArgs {
     /// Events to publish.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
+    /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The Postgres server to use (default: DATABASE_URL). A scratch database is
+    /// created on it and dropped at the end.
     #[arg(long)]
     pub database_url: Option<String>,
+    /// NATS server with JetStream (default: NATS_URL).
     #[arg(long)]
     pub nats_url: Option<String>,
 }

@@ -904,3 +904,73 @@ async fn backup_and_restore_rewinds_positions_and_the_stream() {
     assert_eq!(texts, ["one", "two", "three", "after"]);
     pool.close().await;
 }
+
+// ----------------------------------------------------------------- help --
+
+/// The entries of `--help`'s `Commands:`, `Options:` and `Arguments:` sections, each as
+/// (section, name, description). Clap prints a description beside the name, or (when
+/// any entry has a long description) on the lines under it, indented further.
+fn help_entries(help: &str) -> Vec<(String, String, String)> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut section: Option<&str> = None;
+    let mut entries = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.is_empty() && !line.starts_with(' ') {
+            section = ["Commands:", "Options:", "Arguments:"]
+                .into_iter()
+                .find(|s| line == s);
+            continue;
+        }
+        let Some(section) = section else { continue };
+        let indent = line.len() - line.trim_start().len();
+        if line.trim().is_empty() || indent > 6 {
+            continue; // a blank line or a description's line
+        }
+        let entry = line.trim();
+        let (name, mut description) = match entry.split_once("  ") {
+            Some((name, description)) => (name.trim(), description.trim().to_owned()),
+            None => (entry, String::new()),
+        };
+        if description.is_empty()
+            && let Some(next) = lines.get(i + 1)
+            && next.len() - next.trim_start().len() > indent
+        {
+            description = next.trim().to_owned();
+        }
+        entries.push((section.to_owned(), name.to_owned(), description));
+    }
+    entries
+}
+
+/// `colloquy --help` and every subcommand's, through the whole tree: every command,
+/// option and argument says what it is.
+#[test]
+fn every_commands_help_describes_every_command_option_and_argument() {
+    let mut pending = vec![Vec::<String>::new()];
+    let mut walked = 0;
+    let mut missing = Vec::new();
+    while let Some(path) = pending.pop() {
+        let output = colloquy().args(&path).arg("--help").output().unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        assert!(output.status.success(), "colloquy {path:?} --help: {help}");
+        let entries = help_entries(&help);
+        assert!(
+            entries.iter().any(|(_, name, _)| name.contains("--help")),
+            "colloquy {path:?} --help was read: {help}"
+        );
+        walked += 1;
+        for (section, name, description) in entries {
+            if description.is_empty() {
+                missing.push(format!("colloquy {} — {section} {name}", path.join(" ")));
+            }
+            if section == "Commands:" && name != "help" {
+                let mut child = path.clone();
+                child.push(name);
+                pending.push(child);
+            }
+        }
+    }
+    // The tree: the top level, its commands and theirs (admin's, bench's, dev's, …).
+    assert!(walked > 20, "walked only {walked} commands");
+    assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
+}
