@@ -9,7 +9,10 @@
 #![allow(clippy::unwrap_used, reason = "test code")]
 
 #[path = "../api/helpers.rs"]
-#[allow(dead_code, reason = "shared with the api suite; not every helper is used here")]
+#[allow(
+    dead_code,
+    reason = "shared with the api suite; not every helper is used here"
+)]
 mod helpers;
 
 mod crashes;
