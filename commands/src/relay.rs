@@ -62,6 +62,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// The default advisory-lock key relays compete for (in the log's database). Distinct
 /// from the event store's commit-order lock.
@@ -831,6 +832,14 @@ impl Relay {
             HeaderName::from_static(wire::EXPECTED_LAST_SEQUENCE),
             expected.to_string(),
         );
+        // A traced event's publish is a span in its trace; an untraced one costs nothing.
+        let span = headers
+            .get(wire::TRACEPARENT)
+            .map_or_else(tracing::Span::none, |parent| {
+                let span = tracing::info_span!("relay.publish", otel.kind = "producer", position);
+                colloquy_eventstore::trace::continue_from(&span, Some(parent.as_str()));
+                span
+            });
         let ack = self
             .js
             .send_publish(
@@ -839,6 +848,7 @@ impl Relay {
                     .headers(headers)
                     .payload(payload.into()),
             )
+            .instrument(span)
             .await
             .with_context(|| format!("Failed to publish the event at position {position}"))?;
         let pending = Pending {

@@ -328,6 +328,7 @@ async fn one_user_action_is_one_trace_across_processes_and_nothing_secret_is_log
     let seen = loop {
         let seen = spans_of_trace(&received, &trace_bytes);
         if has(&seen, "gateway", "POST /v1/conversations/")
+            && has(&seen, "relay", "relay.publish")
             && has(&seen, "projector", "projection.apply")
             && has(&seen, "agent", "agent.run")
             && has(&seen, "agent", "gemini.stream_generate")
