@@ -3,7 +3,9 @@
 //!
 //! Roles (`colloquy serve --roles …`, all by default): `gateway` (HTTP), `relay`
 //! (log → JetStream), `projector` (JetStream → read models, healed from the log),
-//! `agent` (not built yet). Background roles run as tasks that stop between messages
+//! `agent` (runs → Gemini → completions). Without `DATABASE_URL` the process is the
+//! embedded mode: one SQLite file, no broker (ADR 0011). Background roles run as tasks
+//! that stop between messages
 //! when the token is cancelled; correctness never depends on them stopping cleanly.
 
 use std::collections::BTreeSet;
