@@ -5,8 +5,8 @@
 //! (log → JetStream), `projector` (JetStream → read models, healed from the log),
 //! `agent` (runs → Gemini → completions). Without `DATABASE_URL` the process is the
 //! embedded mode: one SQLite file, no broker (ADR 0011). Background roles run as tasks
-//! that stop between messages
-//! when the token is cancelled; correctness never depends on them stopping cleanly.
+//! that stop between messages when the token is cancelled; correctness never depends on
+//! them stopping cleanly.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
