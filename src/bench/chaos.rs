@@ -102,6 +102,9 @@ pub struct ChaosArgs {
 /// The roles, one process each, in the order faults are counted.
 const ROLES: [&str; 4] = ["gateway", "relay", "projector", "agent"];
 
+/// How long a role process that keeps exiting before it listens is started again.
+const START_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Event types that end a run.
 const TERMINAL: &str = "('RunCompleted', 'RunFailed', 'RunCancelled')";
 
@@ -205,6 +208,8 @@ struct Cluster {
     processes: [Option<Process>; 4],
     /// The gateway's current address, for the users.
     gateway: Arc<RwLock<SocketAddr>>,
+    /// Processes that exited before they listened and were started again.
+    failed_starts: u64,
 }
 
 impl Cluster {
@@ -235,11 +240,34 @@ impl Cluster {
             logs: spec.logs.clone(),
             processes: [None, None, None, None],
             gateway: Arc::new(RwLock::new(SocketAddr::from(([127, 0, 0, 1], 9)))),
+            failed_starts: 0,
         })
     }
 
-    /// Starts role `index` and waits until it listens (not until it is ready).
+    /// Starts role `index` and waits until it listens (not until it is ready). A process
+    /// that exits before it listens is started again, as a supervisor would, for up to
+    /// [`START_PATIENCE`]; each such exit is counted. On a shared machine that happens
+    /// when Postgres is slow to give a first connection or has none left
+    /// (`max_connections`: each role process may hold up to 16).
     async fn start(&mut self, index: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if self.start_once(index).await? {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < START_PATIENCE,
+                "the {} kept exiting before it listened for {START_PATIENCE:?} (see {})",
+                ROLES[index],
+                self.logs.display()
+            );
+            self.failed_starts += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// One start of role `index`: `false` if it exited before it listened.
+    async fn start_once(&mut self, index: usize) -> anyhow::Result<bool> {
         let role = ROLES[index];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -273,20 +301,18 @@ impl Cluster {
             Ok(None)
         })
         .await
-        .with_context(|| format!("the {role} did not start listening in 120 s"))??
-        .with_context(|| {
-            format!(
-                "the {role} exited before it listened (see {})",
-                self.logs.display()
-            )
-        })?;
+        .with_context(|| format!("the {role} did not start listening in 120 s"))??;
+        let Some(addr) = addr else {
+            let _ = child.wait().await;
+            return Ok(false);
+        };
         // Keep reading stdout so that the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         if role == "gateway" {
             *self.gateway.write().unwrap_or_else(PoisonError::into_inner) = addr;
         }
         self.processes[index] = Some(Process { child, addr });
-        Ok(())
+        Ok(true)
     }
 
     /// SIGKILL, and wait for the process to be gone.
@@ -365,6 +391,7 @@ struct Report {
     /// Kills per role.
     faults: BTreeMap<&'static str, u64>,
     faults_total: u64,
+    restarts: Restarts,
     commands: Commands,
     settle: Settle,
     log_events: u64,
@@ -393,6 +420,14 @@ struct Settle {
     pending: Vec<String>,
     /// Roles whose process exited by itself.
     exited_by_themselves: Vec<&'static str>,
+}
+
+/// Kills and restarts beyond the checks.
+#[derive(Debug, Serialize)]
+struct Restarts {
+    /// Starts that exited before listening (on a loaded machine, Postgres slow to
+    /// give a first connection) and were tried again.
+    failed_starts: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -512,7 +547,10 @@ impl Report {
         let rows = [
             (
                 "faults injected",
-                format!("{} ({faults})", self.faults_total),
+                format!(
+                    "{} ({faults}); starts that exited before listening and were tried again: {}",
+                    self.faults_total, self.restarts.failed_starts
+                ),
             ),
             (
                 "commands accepted",
@@ -613,7 +651,15 @@ async fn chaos(
     args: &ChaosArgs,
     seed: u64,
 ) -> anyhow::Result<Report> {
-    let pool = scratch.pool(6).await?;
+    // Opened as needed: Postgres connections are what a loaded test server runs out of
+    // first. A replay verify holds up to five at once.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(30))
+        .idle_timeout(Duration::from_secs(10))
+        .connect_with(scratch.options().clone())
+        .await
+        .context("Failed to connect to the scratch database")?;
     let mut machine = Machine::probe(&pool).await;
     machine.nats = Some(nats.server_info().version);
     let gemini = FakeGemini::start(FakeConfig::default().key("fake-key", "fake-project"))
@@ -660,6 +706,9 @@ async fn chaos(
         users: args.users,
         faults: figures.faults,
         faults_total: 0,
+        restarts: Restarts {
+            failed_starts: cluster.failed_starts,
+        },
         commands,
         settle,
         log_events: figures.log_events,
@@ -921,39 +970,12 @@ async fn settle(
     let js = async_nats::jetstream::new(nats.clone());
     loop {
         let exited = cluster.exited();
-        let mut pending = Vec::new();
-        let lags = colloquy_projections::runner::lags(&db).await?;
-        for lag in &lags {
-            if lag.lag.events > 0 {
-                pending.push(format!(
-                    "projection {} {} event(s) behind",
-                    lag.projection.name(),
-                    lag.lag.events
-                ));
-            }
-        }
-        let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM (
-               SELECT stream_name FROM message_store.messages
-                WHERE split_part(stream_name, '-', 1) = 'agentRun'
-                GROUP BY stream_name
-               HAVING count(*) FILTER (WHERE type IN {TERMINAL}) = 0) open"
-        )))
-        .fetch_one(pool)
-        .await?;
-        if open > 0 {
-            pending.push(format!("{open} run(s) not ended"));
-        }
-        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM message_store.messages")
-            .fetch_one(pool)
-            .await?;
-        let held = match js.get_stream(stream).await {
-            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-            Err(_) => 0,
+        // A query that fails (the server out of connections for a moment) leaves the
+        // state unknown: it is pending, and asked again.
+        let pending = match pending_work(&db, pool, &js, stream).await {
+            Ok(pending) => pending,
+            Err(error) => vec![format!("cannot tell: {error:#}")],
         };
-        if held < events.unsigned_abs() {
-            pending.push(format!("the stream holds {held} of {events} events"));
-        }
         if (pending.is_empty() && exited.is_empty()) || started.elapsed() >= args.settle_timeout {
             return Ok(Settle {
                 settled: pending.is_empty() && exited.is_empty(),
@@ -964,6 +986,49 @@ async fn settle(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// What is still to happen before everything has settled (nothing once it has).
+async fn pending_work(
+    db: &Database,
+    pool: &sqlx::PgPool,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<Vec<String>> {
+    let mut pending = Vec::new();
+    let lags = colloquy_projections::runner::lags(db).await?;
+    for lag in &lags {
+        if lag.lag.events > 0 {
+            pending.push(format!(
+                "projection {} {} event(s) behind",
+                lag.projection.name(),
+                lag.lag.events
+            ));
+        }
+    }
+    let open: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM (
+           SELECT stream_name FROM message_store.messages
+            WHERE split_part(stream_name, '-', 1) = 'agentRun'
+            GROUP BY stream_name
+           HAVING count(*) FILTER (WHERE type IN {TERMINAL}) = 0) open"
+    )))
+    .fetch_one(pool)
+    .await?;
+    if open > 0 {
+        pending.push(format!("{open} run(s) not ended"));
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM message_store.messages")
+        .fetch_one(pool)
+        .await?;
+    let held = match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    };
+    if held < events.unsigned_abs() {
+        pending.push(format!("the stream holds {held} of {events} events"));
+    }
+    Ok(pending)
 }
 
 /// Figures beside the checks.
