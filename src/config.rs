@@ -136,8 +136,8 @@ pub struct Settings {
     /// listen backlog.
     #[serde(rename = "COLLOQUY_MAX_CONNECTIONS")]
     pub max_connections: usize,
-    /// Events the live feed holds for slow SSE clients; one further behind is told to
-    /// reconnect and resume.
+    /// Events the live feed holds per user with open streams, for slow SSE clients; one
+    /// further behind is told to reconnect and resume.
     #[serde(rename = "COLLOQUY_SSE_BUFFER")]
     pub sse_buffer: usize,
     /// `label=key@project,…`
@@ -199,7 +199,7 @@ impl Default for Settings {
             sse_max_streams_per_user: 16,
             sse_max_streams: colloquy_gateway::LiveSettings::DEFAULT_MAX_STREAMS,
             max_connections: colloquy_gateway::edges::Connections::DEFAULT_MAX,
-            sse_buffer: 4096,
+            sse_buffer: 256,
             gemini_api_keys: None,
             gemini_api_keys_file: None,
             gemini_base_url: "https://generativelanguage.googleapis.com".into(),

@@ -9,8 +9,11 @@
 //! delivery but never drops it. The hub passes events on in position order, each once.
 //!
 //! Each event is annotated once (its conversation, run and owner) and shared as an
-//! `Arc` through a `tokio::sync::broadcast` ring: memory is the ring, not a queue per
-//! client; a client that falls more than the ring behind is told to reconnect.
+//! `Arc` through its owner's `tokio::sync::broadcast` ring: every stream is one user's
+//! (a conversation, a run or everything of theirs), so an event wakes only its owner's
+//! streams, not every stream of the gateway. Memory is a ring per user with open
+//! streams, not a queue per client; a client that falls more than the ring behind is
+//! told to reconnect.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -33,8 +36,8 @@ use uuid::Uuid;
 pub struct LiveSettings {
     /// NATS subject prefix (the relay's).
     pub prefix: String,
-    /// Events held for clients in the shared ring; a client further behind is
-    /// disconnected with a `retry:` hint.
+    /// Events held per user with open streams (the user's ring); a client further
+    /// behind is disconnected with a `retry:` hint.
     pub buffer: usize,
     /// Concurrent SSE streams per user (429 above it).
     pub max_streams_per_user: usize,
@@ -58,7 +61,7 @@ impl Default for LiveSettings {
     fn default() -> Self {
         Self {
             prefix: "colloquy".into(),
-            buffer: 4096,
+            buffer: 256,
             max_streams_per_user: 16,
             max_streams: Self::DEFAULT_MAX_STREAMS,
             idle_check: Duration::from_millis(500),
@@ -100,7 +103,8 @@ struct Inner {
     nats: Option<async_nats::Client>,
     /// Where the agent's token deltas come from (`None`: no run tokens).
     signals: Option<RunSignals>,
-    sender: broadcast::Sender<Arc<LiveEvent>>,
+    /// Each user's ring, while they have open streams.
+    rings: Mutex<HashMap<UserId, broadcast::Sender<Arc<LiveEvent>>>>,
     /// The last position passed on (or, before the first, the log's head at start).
     position: AtomicI64,
     owners: moka::sync::Cache<Uuid, UserId>,
@@ -127,11 +131,17 @@ impl Drop for StreamSlot {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (per_user, total) = &mut *streams;
         *total = total.saturating_sub(1);
+        let mut last = false;
         if let Some(count) = per_user.get_mut(&self.user) {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 per_user.remove(&self.user);
+                last = true;
             }
+        }
+        drop(streams);
+        if last {
+            self.hub.release_ring(self.user);
         }
     }
 }
@@ -165,14 +175,13 @@ impl LiveHub {
         signals: Option<RunSignals>,
         settings: LiveSettings,
     ) -> Self {
-        let (sender, _) = broadcast::channel(settings.buffer.max(16));
         Self {
             inner: Arc::new(Inner {
                 settings,
                 commands,
                 nats,
                 signals,
-                sender,
+                rings: Mutex::new(HashMap::new()),
                 position: AtomicI64::new(-1),
                 owners: moka::sync::Cache::new(100_000),
                 run_conversations: moka::sync::Cache::new(100_000),
@@ -204,12 +213,39 @@ impl LiveHub {
 
     /// Clients connected to the feed.
     pub fn subscribers(&self) -> usize {
-        self.inner.sender.receiver_count()
+        self.rings()
+            .values()
+            .map(broadcast::Sender::receiver_count)
+            .sum()
     }
 
-    /// A receiver of everything passed on from now.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
-        self.inner.sender.subscribe()
+    /// A receiver of everything of `user`'s passed on from now.
+    pub(crate) fn subscribe(&self, user: UserId) -> broadcast::Receiver<Arc<LiveEvent>> {
+        let buffer = self.inner.settings.buffer.max(16);
+        self.rings()
+            .entry(user)
+            .or_insert_with(|| broadcast::channel(buffer).0)
+            .subscribe()
+    }
+
+    fn rings(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<UserId, broadcast::Sender<Arc<LiveEvent>>>> {
+        self.inner
+            .rings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops `user`'s ring once none of their streams listens to it.
+    fn release_ring(&self, user: UserId) {
+        let mut rings = self.rings();
+        if rings
+            .get(&user)
+            .is_some_and(|ring| ring.receiver_count() == 0)
+        {
+            rings.remove(&user);
+        }
     }
 
     /// Cancelled when the hub closes (shutdown): streams end with a `retry:` hint.
@@ -379,8 +415,14 @@ impl LiveHub {
     async fn pass_on(&self, event: RecordedEvent) {
         let position = event.global_position;
         let live = self.annotate(event).await;
-        // No receivers is fine: nobody is listening.
-        let _ = self.inner.sender.send(Arc::new(live));
+        // Only its owner's streams can show an event; an owner with no open stream has
+        // no ring, and an event without an owner concerns no stream.
+        if let Some(owner) = live.owner
+            && let Some(ring) = self.rings().get(&owner)
+        {
+            // No receivers is fine: the last stream is closing.
+            let _ = ring.send(Arc::new(live));
+        }
         self.inner.position.store(position, Ordering::Release);
     }
 

@@ -228,7 +228,7 @@ async fn open(
     };
     // Subscribe before reading anything: whatever the hub passes on from here is in
     // the receiver, and what it passed on before is in the log.
-    let rx = hub.subscribe();
+    let rx = hub.subscribe(user_id(user));
     let tokens = match (scope, hub.signals()) {
         (Scope::Run { run, .. }, Some(signals)) => {
             match signals.subscribe(run).await {
@@ -281,7 +281,7 @@ async fn open(
 ///
 /// A client that reads nothing fills its socket, then the connection's buffers, then
 /// this queue; from then on it falls behind the hub's ring. Once it is further behind
-/// than the ring holds (`COLLOQUY_SSE_BUFFER` events), or the server shuts down, the
+/// than its user's ring holds (`COLLOQUY_SSE_BUFFER` events), or the server shuts down, the
 /// stream ends: the feed (its ring receiver and its stream slot) is dropped at once,
 /// and the connection gets the events already queued, then a `retry:` hint, then the
 /// end of the response, whenever the client reads again. So a stuck client holds a
