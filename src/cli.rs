@@ -238,6 +238,16 @@ fn serving_line(mode: &Mode, addr: std::net::SocketAddr, gemini: &str) -> String
     format!("colloquy serving ({place}) on http://{addr} (API docs: http://{addr}/docs){gemini}")
 }
 
+/// The address in a line [`serving_line`] printed: how a parent process (the benches
+/// that start `serve` as a child) learns where the child listens.
+pub(crate) fn serving_addr(line: &str) -> Option<std::net::SocketAddr> {
+    let rest = line
+        .strip_prefix("colloquy serving (")?
+        .split_once(") on http://")?
+        .1;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// `colloquy dev fake-gemini`: serves the Gemini double until a signal.
 async fn fake_gemini(args: &FakeGeminiArgs) -> anyhow::Result<()> {
     use colloquy_gemini_agent::fake::{FakeConfig, Quota, serve};
@@ -269,4 +279,25 @@ async fn fake_gemini(args: &FakeGeminiArgs) -> anyhow::Result<()> {
     shutdown::on_signal(token.clone());
     serve(listener, config, token).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod serving_line_tests {
+    use super::*;
+
+    #[test]
+    fn the_address_is_read_back_from_the_serving_line() {
+        let addr: std::net::SocketAddr =
+            "127.0.0.1:4567".parse().unwrap_or_else(|_| unreachable!());
+        for mode in [
+            Mode::External,
+            Mode::Embedded {
+                path: "./data/colloquy (1).sqlite".to_owned(),
+            },
+        ] {
+            let line = serving_line(&mode, addr, "; Gemini: the double at http://127.0.0.1:1");
+            assert_eq!(serving_addr(&line), Some(addr), "{line}");
+        }
+        assert_eq!(serving_addr("colloquy listening somewhere"), None);
+    }
 }

@@ -292,10 +292,8 @@ impl Cluster {
         let mut lines = BufReader::new(stdout).lines();
         let addr = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(line) = lines.next_line().await? {
-                // "colloquy serving (…) on http://127.0.0.1:PORT (API docs: …)"
-                if let Some((_, rest)) = line.split_once("http://") {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    return Ok::<_, anyhow::Error>(Some(addr.parse::<SocketAddr>()?));
+                if let Some(addr) = crate::cli::serving_addr(&line) {
+                    return Ok::<_, anyhow::Error>(Some(addr));
                 }
             }
             Ok(None)

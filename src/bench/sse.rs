@@ -245,9 +245,8 @@ impl Server {
         let mut lines = BufReader::new(stdout).lines();
         let addr = tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(line) = lines.next_line().await? {
-                // "colloquy serving (…) on http://127.0.0.1:PORT"
-                if let Some((_, addr)) = line.split_once("http://") {
-                    return Ok::<_, anyhow::Error>(Some(addr.trim().parse::<SocketAddr>()?));
+                if let Some(addr) = crate::cli::serving_addr(&line) {
+                    return Ok::<_, anyhow::Error>(Some(addr));
                 }
             }
             Ok(None)
