@@ -88,6 +88,11 @@ pub enum ApiError {
     #[error("the request body is too large")]
     PayloadTooLarge,
 
+    /// 408 `request_timeout`: the request body did not arrive within
+    /// [`BODY_TIMEOUT`] (a client trickling it, or one that stalled).
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+
     /// 415 `unsupported_media_type`: the body is not `Content-Type: application/json`.
     #[error("expected Content-Type: application/json")]
     UnsupportedMediaType,
@@ -216,6 +221,7 @@ impl ApiError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) | Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -239,6 +245,7 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PreconditionFailed(_) => "precondition_failed",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
             Self::RateLimited { .. } => "rate_limited",
@@ -448,8 +455,14 @@ where
     }
 }
 
+/// The longest a request body may take to arrive once the handler reads it. Without it a
+/// client trickling its body would hold the request until the 30 s request timeout,
+/// which answers 503 (a server-side fault) for what is the client's.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The raw body of a JSON request: 415 unless the content type is JSON, 413 when too
-/// large, 400 when unreadable. Shared by every JSON body extractor.
+/// large, 408 when it does not arrive within [`BODY_TIMEOUT`], 400 when unreadable.
+/// Shared by every JSON body extractor.
 pub(crate) async fn json_body_bytes<S: Send + Sync>(
     request: Request,
     state: &S,
@@ -457,8 +470,9 @@ pub(crate) async fn json_body_bytes<S: Send + Sync>(
     if !is_json(request.headers()) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    Bytes::from_request(request, state)
+    tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(request, state))
         .await
+        .map_err(|_| ApiError::RequestTimeout)?
         .map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge

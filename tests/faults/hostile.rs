@@ -1,5 +1,5 @@
-//! Hostile input: clients that trickle their request heads a byte at a time (slowloris)
-//! or connect and send nothing, clients that send requests and never read the
+//! Hostile input: clients that trickle their request heads a byte at a time (slowloris),
+//! or their bodies, or connect and send nothing, clients that send requests and never read the
 //! responses, bursts of logins from one address and from many, floods of live-feed
 //! subscriptions, and events in the log that no build of Colloquy wrote. Each must
 //! leave the server serving everyone else: no 5xx, no panic, the application's task
@@ -620,5 +620,78 @@ async fn undecodable_events_in_the_log_are_skipped() {
         "a conversation of bad events answered {}",
         response.status()
     );
+    assert_unharmed(&app, &panics).await;
+}
+
+/// A client that sends its request head at once and then trickles the body (a byte
+/// every 2 s), on a command and on login: each is answered 408 `request_timeout` within
+/// the body bound (10 s), not held until the 30 s request timeout's 503, and the server
+/// serves others meanwhile.
+#[tokio::test]
+async fn slow_request_bodies_are_answered_408_not_held() {
+    let panics = count_panics();
+    let app = spawn_app_with(|_| {}).await;
+    let user = app.register_and_login().await;
+    let body = json!({ "title": "a title that takes its time" }).to_string();
+    let mut trickles = Vec::new();
+    for (path, token) in [
+        ("/v1/conversations", Some(user.token.clone())),
+        ("/v1/auth/login", None),
+    ] {
+        let addr = app.addr;
+        let body = body.clone();
+        trickles.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut socket = TcpStream::connect(addr).await.unwrap();
+            let auth = token
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: colloquy\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let mut buffer = [0_u8; 4096];
+            for byte in body.as_bytes() {
+                // Stop trickling once the server has answered.
+                if let Ok(read) =
+                    tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buffer)).await
+                {
+                    answer.extend_from_slice(&buffer[..read.unwrap_or(0)]);
+                    break;
+                }
+                if socket.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+            }
+            // Whatever else the server sends, until it closes or 5 s pass.
+            while let Ok(Ok(read)) =
+                tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer)).await
+            {
+                if read == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buffer[..read]);
+            }
+            (started.elapsed(), String::from_utf8_lossy(&answer).into_owned())
+        }));
+    }
+    // Meanwhile another user is served.
+    let other = app.register_and_login().await;
+    let conversation = app.create_conversation(&other).await;
+    assert!(!conversation.is_empty());
+    for trickle in trickles {
+        let (elapsed, answer) = trickle.await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "expected 408 after {elapsed:?}: {answer}"
+        );
+        assert!(answer.contains("request_timeout"), "{answer}");
+        assert!(
+            elapsed < Duration::from_secs(25),
+            "answered only after {elapsed:?}"
+        );
+    }
     assert_unharmed(&app, &panics).await;
 }
