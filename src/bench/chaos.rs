@@ -42,7 +42,6 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -288,24 +287,13 @@ impl Cluster {
         let mut child = command
             .spawn()
             .with_context(|| format!("Failed to start the {role}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(120), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = crate::cli::serving_addr(&line) {
-                    return Ok::<_, anyhow::Error>(Some(addr));
-                }
-            }
-            Ok(None)
-        })
-        .await
-        .with_context(|| format!("the {role} did not start listening in 120 s"))??;
+        let addr = super::serving_child_addr(&mut child)
+            .await
+            .with_context(|| format!("the {role}"))?;
         let Some(addr) = addr else {
             let _ = child.wait().await;
             return Ok(false);
         };
-        // Keep reading stdout so that the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         if role == "gateway" {
             *self.gateway.write().unwrap_or_else(PoisonError::into_inner) = addr;
         }

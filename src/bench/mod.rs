@@ -121,3 +121,29 @@ fn database_url(flag: Option<&str>, settings: &Settings) -> anyhow::Result<Strin
     );
     Ok(url)
 }
+
+/// Where a `colloquy serve` child process listens: read from the first line it prints
+/// ([`crate::cli::serving_addr`]), waiting at most 120 s; `None` if it exited before. Its
+/// stdout keeps being drained afterwards, so the child never blocks on a full pipe.
+///
+/// # Errors
+/// It did not start listening within 120 s, or its stdout could not be read.
+pub(crate) async fn serving_child_addr(
+    child: &mut tokio::process::Child,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(addr) = crate::cli::serving_addr(&line) {
+                return Ok::<_, anyhow::Error>(Some(addr));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .context("the process did not start listening in 120 s")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(addr)
+}

@@ -47,7 +47,7 @@ use anyhow::Context as _;
 use colloquy_gateway::auth::{AccessClaims, JwtKeys};
 use serde::Serialize;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -241,21 +241,10 @@ impl Server {
         }
         let mut child = command.spawn().context("Failed to start the gateway")?;
         let pid = child.id().context("the gateway exited at once")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(120), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = crate::cli::serving_addr(&line) {
-                    return Ok::<_, anyhow::Error>(Some(addr));
-                }
-            }
-            Ok(None)
-        })
-        .await
-        .context("the gateway did not start listening in 120 s")??
-        .context("the gateway exited before it listened")?;
-        // Keep reading stdout so that the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let addr = super::serving_child_addr(&mut child)
+            .await
+            .context("the gateway")?
+            .context("the gateway exited before it listened")?;
         Ok(Self { child, pid, addr })
     }
 
