@@ -19,8 +19,8 @@ use secrecy::SecretString;
 use serde_json::Value;
 
 use crate::helpers::{
-    SseEvent, SseReader, TestApp, TestUser, agent_for, app_without_agent, queued_run, run_status,
-    spawn_app_with,
+    SseReader, TestApp, TestUser, agent_for, app_without_agent, generation_calls, queued_run,
+    run_status, spawn_app_with,
 };
 
 /// The application with its agent pointed at `fake`, holding `keys`
@@ -53,48 +53,6 @@ async fn ask(
 
 /// Reads the run stream to its outcome; returns the outcome event and every event
 /// before it.
-async fn outcome(events: &mut SseReader) -> (SseEvent, Vec<SseEvent>) {
-    let mut seen = Vec::new();
-    while let Some(event) = events.next().await {
-        if matches!(
-            event.event.as_deref(),
-            Some("completed" | "failed" | "cancelled")
-        ) {
-            return (event, seen);
-        }
-        seen.push(event);
-    }
-    panic!("the run stream ended without an outcome: {seen:?}");
-}
-
-fn generation_calls(fake: &FakeGemini) -> usize {
-    fake.requests()
-        .iter()
-        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
-        .count()
-}
-
-async fn messages_at(
-    app: &TestApp,
-    user: &TestUser,
-    conversation: &str,
-    position: i64,
-) -> Vec<Value> {
-    let response = app
-        .request(
-            Method::GET,
-            &format!("/v1/conversations/{conversation}/messages"),
-            user,
-        )
-        .header("X-Colloquy-Min-Position", position.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    body["items"].as_array().unwrap().clone()
-}
-
 #[tokio::test]
 async fn the_chat_loop_streams_tokens_and_records_the_reply_with_history() {
     let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
@@ -105,7 +63,7 @@ async fn the_chat_loop_streams_tokens_and_records_the_reply_with_history() {
     let conversation = app.create_conversation(&user).await;
 
     let (run_id, mut events) = ask(&app, &user, &conversation, "hello there").await;
-    let (completed, before) = outcome(&mut events).await;
+    let (completed, before) = events.outcome().await;
     assert_eq!(
         completed.event.as_deref(),
         Some("completed"),
@@ -160,7 +118,9 @@ async fn the_chat_loop_streams_tokens_and_records_the_reply_with_history() {
     assert_eq!(request.api_key.as_deref(), Some("fake-key-1"));
     assert!(!request.key_in_query);
 
-    let messages = messages_at(&app, &user, &conversation, completed.position()).await;
+    let messages = app
+        .messages_at(&user, &conversation, completed.position())
+        .await;
     let reply = messages.last().unwrap();
     assert_eq!(reply["author"], "assistant");
     assert_eq!(reply["text"], "echo: hello there");
@@ -168,7 +128,7 @@ async fn the_chat_loop_streams_tokens_and_records_the_reply_with_history() {
 
     // The second turn carries the first as history, the reply as a `model` turn.
     let (_, mut events) = ask(&app, &user, &conversation, "and again").await;
-    let (completed, _) = outcome(&mut events).await;
+    let (completed, _) = events.outcome().await;
     assert_eq!(completed.json()["text"], "echo: and again");
     let sent = fake.requests().pop().unwrap().request.unwrap();
     let turns: Vec<(Option<Role>, String)> =
@@ -201,7 +161,7 @@ async fn without_keys_a_run_fails_at_once_saying_so() {
     let user = app.register_and_login().await;
     let conversation = app.create_conversation(&user).await;
     let (_, mut events) = ask(&app, &user, &conversation, "anyone?").await;
-    let (failed, _) = outcome(&mut events).await;
+    let (failed, _) = events.outcome().await;
     assert_eq!(failed.event.as_deref(), Some("failed"));
     assert_eq!(failed.json()["reason"], "no Gemini API keys configured");
     assert_eq!(generation_calls(&fake), 0);
@@ -217,7 +177,7 @@ async fn a_blocked_prompt_fails_the_run_without_a_retry() {
     let user = app.register_and_login().await;
     let conversation = app.create_conversation(&user).await;
     let (_, mut events) = ask(&app, &user, &conversation, "something unsafe").await;
-    let (failed, _) = outcome(&mut events).await;
+    let (failed, _) = events.outcome().await;
     assert_eq!(failed.event.as_deref(), Some("failed"), "{failed:?}");
     let reason = failed.json()["reason"].as_str().unwrap().to_lowercase();
     assert!(reason.contains("block"), "{reason}");
@@ -239,7 +199,7 @@ async fn transient_failures_are_retried_within_the_attempt_with_a_reset() {
     let user = app.register_and_login().await;
     let conversation = app.create_conversation(&user).await;
     let (run_id, mut events) = ask(&app, &user, &conversation, "try hard").await;
-    let (completed, before) = outcome(&mut events).await;
+    let (completed, before) = events.outcome().await;
     assert_eq!(
         completed.event.as_deref(),
         Some("completed"),
@@ -251,7 +211,9 @@ async fn transient_failures_are_retried_within_the_attempt_with_a_reset() {
         before.iter().any(|e| e.event.as_deref() == Some("reset")),
         "tokens went out before the drop, so the client is told to start over: {before:?}"
     );
-    let messages = messages_at(&app, &user, &conversation, completed.position()).await;
+    let messages = app
+        .messages_at(&user, &conversation, completed.position())
+        .await;
     let replies: Vec<&Value> = messages
         .iter()
         .filter(|m| m["run_id"] == run_id.as_str())
@@ -276,7 +238,7 @@ async fn a_504_fails_the_run_unless_retrying_timeouts_is_set() {
         let user = app.register_and_login().await;
         let conversation = app.create_conversation(&user).await;
         let (_, mut events) = ask(&app, &user, &conversation, "take your time").await;
-        let (outcome, _) = outcome(&mut events).await;
+        let (outcome, _) = events.outcome().await;
         if retry_timeouts {
             assert_eq!(outcome.event.as_deref(), Some("completed"), "{outcome:?}");
             assert_eq!(outcome.json()["text"], "echo: take your time");
@@ -309,7 +271,7 @@ async fn a_rate_limited_project_hands_the_call_to_another_project() {
     let user = app.register_and_login().await;
     let conversation = app.create_conversation(&user).await;
     let (_, mut events) = ask(&app, &user, &conversation, "busy?").await;
-    let (completed, _) = outcome(&mut events).await;
+    let (completed, _) = events.outcome().await;
     assert_eq!(
         completed.event.as_deref(),
         Some("completed"),
@@ -347,9 +309,11 @@ async fn cancelling_stops_the_call_and_records_no_reply() {
         .await
         .unwrap();
     assert_eq!(cancel.status(), StatusCode::ACCEPTED);
-    let (cancelled, _) = outcome(&mut events).await;
+    let (cancelled, _) = events.outcome().await;
     assert_eq!(cancelled.event.as_deref(), Some("cancelled"));
-    let messages = messages_at(&app, &user, &conversation, cancelled.position()).await;
+    let messages = app
+        .messages_at(&user, &conversation, cancelled.position())
+        .await;
     assert!(
         messages.iter().all(|m| m["author"] == "user"),
         "no reply after a cancel: {messages:?}"
@@ -365,7 +329,7 @@ async fn a_redelivered_request_after_completion_does_not_call_gemini() {
     let user = app.register_and_login().await;
     let conversation = app.create_conversation(&user).await;
     let (run_id, mut events) = ask(&app, &user, &conversation, "once").await;
-    let (completed, _) = outcome(&mut events).await;
+    let (completed, _) = events.outcome().await;
     assert_eq!(completed.event.as_deref(), Some("completed"));
     let calls = generation_calls(&fake);
 
@@ -524,13 +488,9 @@ async fn an_agent_killed_mid_call_leaves_a_run_that_completes_once() {
     let conversation = status["conversation_id"].as_str().unwrap().to_owned();
     // The run's last event is the messages read model's mark too (it may trail the runs
     // one by a batch).
-    let messages = messages_at(
-        &app,
-        &user,
-        &conversation,
-        status["position"].as_i64().unwrap(),
-    )
-    .await;
+    let messages = app
+        .messages_at(&user, &conversation, status["position"].as_i64().unwrap())
+        .await;
     let replies = messages
         .iter()
         .filter(|m| m["author"] == "assistant")

@@ -66,18 +66,6 @@ async fn query(app: &TestApp, user: &TestUser, path: &str, position: i64) -> (St
     (status, body)
 }
 
-async fn messages(app: &TestApp, user: &TestUser, conversation: &str, position: i64) -> Vec<Value> {
-    let (status, body) = query(
-        app,
-        user,
-        &format!("/v1/conversations/{conversation}/messages"),
-        position,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["items"].as_array().unwrap().clone()
-}
-
 async fn assert_problem(response: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(response.status(), status);
     assert_eq!(
@@ -153,7 +141,7 @@ async fn read_your_writes_with_min_position() {
     assert_eq!(shown["last_message_preview"], "hello there");
 
     // The header form.
-    let items = messages(&app, &user, &id, position).await;
+    let items = app.messages_at(&user, &id, position).await;
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["id"], sent["message_id"]);
     assert_eq!(items[0]["author"], "user");
@@ -223,7 +211,7 @@ async fn another_users_conversation_is_404_on_every_route() {
     let (_, list) = query(&app, &stranger, "/v1/conversations", position).await;
     assert_eq!(list["items"], json!([]));
     assert_eq!(
-        messages(&app, &owner, &id, position).await[0]["text"],
+        app.messages_at(&owner, &id, position).await[0]["text"],
         "private"
     );
 
@@ -316,7 +304,7 @@ async fn any_text_round_trips_byte_for_byte() {
             .as_i64()
             .unwrap();
     }
-    let items = messages(&app, &user, &id, position).await;
+    let items = app.messages_at(&user, &id, position).await;
     let got: Vec<&str> = items.iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(got, texts);
 }
@@ -480,7 +468,7 @@ async fn edit_and_delete_messages() {
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let position = position_of(&response);
 
-    let items = messages(&app, &user, &id, position).await;
+    let items = app.messages_at(&user, &id, position).await;
     assert_eq!(items.len(), 1, "the deleted message is left out");
     assert_eq!(items[0]["text"], "first, edited");
     assert!(items[0]["edited_at"].is_string());
@@ -790,7 +778,9 @@ async fn idempotency_keys_make_commands_repeatable() {
     )
     .await;
 
-    let items = messages(&app, &user, id, repeat["position"].as_i64().unwrap()).await;
+    let items = app
+        .messages_at(&user, id, repeat["position"].as_i64().unwrap())
+        .await;
     assert_eq!(items.len(), 1);
 }
 

@@ -350,6 +350,29 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// A conversation's messages once the messages read model has reached `position`.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn messages_at(
+        &self,
+        user: &TestUser,
+        conversation: &str,
+        position: i64,
+    ) -> Vec<serde_json::Value> {
+        let response = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/conversations/{conversation}/messages"),
+                user,
+            )
+            .header("X-Colloquy-Min-Position", position.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET the messages at {position}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["items"].as_array().unwrap().clone()
+    }
+
     /// Opens an SSE stream at `path` (after `last_event_id`, if given).
     #[allow(dead_code, reason = "not every test module uses it")]
     pub async fn sse(
@@ -472,6 +495,32 @@ impl SseReader {
             }
         }
     }
+
+    /// A run stream read to its outcome (`completed`, `failed` or `cancelled`), with
+    /// every event before it.
+    #[allow(dead_code, reason = "not every test module uses it")]
+    pub async fn outcome(&mut self) -> (SseEvent, Vec<SseEvent>) {
+        let mut seen = Vec::new();
+        while let Some(event) = self.next().await {
+            if matches!(
+                event.event.as_deref(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
+                return (event, seen);
+            }
+            seen.push(event);
+        }
+        panic!("the run stream ended without an outcome: {seen:#?}");
+    }
+}
+
+/// The fake Gemini's generation calls so far.
+#[allow(dead_code, reason = "not every test module uses it")]
+pub fn generation_calls(fake: &FakeGemini) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
+        .count()
 }
 
 // ---------------------------------------------------------------- agent --

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, app_without_agent};
+use crate::helpers::{SseReader, TestApp, TestUser, app_without_agent, generation_calls};
 
 // ------------------------------------------------------------------ harness --
 
@@ -272,24 +272,6 @@ async fn run_view(app: &TestApp, user: &TestUser, run: RunId) -> Value {
     response.json().await.unwrap()
 }
 
-/// The conversation's messages once the read model has reached the log's head.
-async fn messages_view(app: &TestApp, user: &TestUser, conversation: &str) -> Vec<Value> {
-    let head = app.store.head().await.unwrap();
-    let response = app
-        .request(
-            Method::GET,
-            &format!("/v1/conversations/{conversation}/messages"),
-            user,
-        )
-        .header("X-Colloquy-Min-Position", head.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    body["items"].as_array().unwrap().clone()
-}
-
 /// The run succeeded exactly once: one `RunCompleted` in its log, one assistant
 /// `MessageSent` in its conversation's log (the completion's reply id), one assistant
 /// message in the messages read model with the echo, and `succeeded` in the runs read
@@ -314,7 +296,8 @@ async fn assert_replied_once(app: &TestApp, user: &TestUser, asked: &Asked) -> V
         attempts_started(&events).last().copied(),
         "{view}"
     );
-    let messages = messages_view(app, user, &asked.conversation).await;
+    let head = app.store.head().await.unwrap();
+    let messages = app.messages_at(user, &asked.conversation, head).await;
     let assistant: Vec<&Value> = messages
         .iter()
         .filter(|m| m["author"] == "assistant")
@@ -334,13 +317,6 @@ fn assert_attempts_in_order(events: &[RecordedEvent]) {
     let started = attempts_started(events);
     let expected: Vec<u64> = (1..=started.len() as u64).collect();
     assert_eq!(started, expected, "attempts in order, each once");
-}
-
-fn generation_calls(fake: &FakeGemini) -> usize {
-    fake.requests()
-        .iter()
-        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
-        .count()
 }
 
 fn probe_calls(fake: &FakeGemini) -> usize {
@@ -799,7 +775,10 @@ async fn dropped_streams_are_retried_with_a_reset_and_each_run_replies_once() {
             )
             .await,
         );
-        feeds.push(tokio::spawn(read_to_outcome(reader)));
+        feeds.push(tokio::spawn(async move {
+            let mut reader = reader;
+            reader.outcome().await
+        }));
     }
     agent.start(&app).await;
 
@@ -868,19 +847,4 @@ async fn dropped_streams_are_retried_with_a_reset_and_each_run_replies_once() {
     }
     assert_eq!(completions, runs.len(), "one completion per run");
     agent.stop().await;
-}
-
-/// Reads a run's live feed to its outcome; returns it and every event before it.
-async fn read_to_outcome(mut reader: SseReader) -> (SseEvent, Vec<SseEvent>) {
-    let mut seen = Vec::new();
-    while let Some(event) = reader.next().await {
-        if matches!(
-            event.event.as_deref(),
-            Some("completed" | "failed" | "cancelled")
-        ) {
-            return (event, seen);
-        }
-        seen.push(event);
-    }
-    panic!("the run's feed ended without an outcome: {seen:#?}");
 }

@@ -32,7 +32,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, spawn_app_with};
+use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, generation_calls, spawn_app_with};
 
 /// Each wait in these tests: far above what recovery takes, far below nextest's limit.
 const BOUND: Duration = Duration::from_secs(60);
@@ -372,14 +372,7 @@ async fn commands_during_a_nats_outage_are_kept_and_everything_catches_up_once_i
     assert_eq!(completed.json()["text"], "echo: during 1");
     let events = log(&app).await;
     for run in &runs {
-        let replies = events
-            .iter()
-            .filter(|e| {
-                e.event_type == "MessageSent"
-                    && e.data["author"] == "assistant"
-                    && e.data["runId"] == run.as_str()
-            })
-            .count();
+        let replies = replies_to(&events, run);
         assert_eq!(replies, 1, "run {run}: one assistant reply");
         let completions = events
             .iter()
@@ -552,14 +545,7 @@ async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
     agent_consumer_drained(&nats, &app).await;
     let events = log(&app).await;
     for run in &runs {
-        let replies = events
-            .iter()
-            .filter(|e| {
-                e.event_type == "MessageSent"
-                    && e.data["author"] == "assistant"
-                    && e.data["runId"] == run.as_str()
-            })
-            .count();
+        let replies = replies_to(&events, run);
         assert_eq!(replies, 1, "run {run}: one assistant reply");
     }
     let head = app.store.head().await.unwrap();
@@ -620,10 +606,15 @@ async fn a_run_in_flight_when_nats_goes_down_completes_with_the_reply_it_got() {
     assert_eq!(replies, 1);
 }
 
-fn generation_calls(fake: &FakeGemini) -> usize {
-    fake.requests()
+/// The assistant's replies to `run` in the log.
+fn replies_to(events: &[RecordedEvent], run: &str) -> usize {
+    events
         .iter()
-        .filter(|r| r.action.as_deref() == Some("streamGenerateContent"))
+        .filter(|e| {
+            e.event_type == "MessageSent"
+                && e.data["author"] == "assistant"
+                && e.data["runId"] == run
+        })
         .count()
 }
 
