@@ -50,6 +50,11 @@ pub struct BatchConfig {
     pub max_requests: usize,
     /// Most events in one batch (a large append still goes alone).
     pub max_events: usize,
+    /// How many times, at most, the writer yields to the runtime before taking a batch
+    /// when the previous batch had company (more than one append), so that the callers
+    /// it just answered can queue their next appends and join this batch (0: never).
+    /// Yielding stops as soon as one yield adds nothing to the queue.
+    pub gather_yields: usize,
 }
 
 impl Default for BatchConfig {
@@ -58,6 +63,7 @@ impl Default for BatchConfig {
             writers: 1,
             max_requests: 256,
             max_events: 2_000,
+            gather_yields: 8,
         }
     }
 }
@@ -87,10 +93,14 @@ impl Batcher {
             let appended = Arc::clone(&appended);
             tokio::spawn(
                 async move {
+                    let mut company = false;
                     loop {
                         let batch = {
                             let mut rx = rx.lock().await;
                             let Some(first) = rx.recv().await else { return };
+                            if company {
+                                gather(&rx, config.gather_yields).await;
+                            }
                             let mut events: usize =
                                 first.appends.iter().map(|a| a.events.len()).sum();
                             let mut batch = vec![first];
@@ -109,6 +119,7 @@ impl Batcher {
                             }
                             batch
                         };
+                        company = batch.len() > 1;
                         run_batch(writer.as_ref(), batch).await;
                         appended.send_modify(|n| *n = n.wrapping_add(1));
                     }
@@ -130,6 +141,26 @@ impl Batcher {
         };
         observe(&result, events, started);
         result
+    }
+}
+
+/// Lets the callers of the batch just answered queue again before the next batch is
+/// taken. They were woken by their replies and usually append again at once (the next
+/// message of a busy client, a writer loop); a batch taken immediately would leave them
+/// for the batch after, so under steady concurrency batches alternate between two
+/// halves of the callers, and each commit serves half of them. A yield lets every task
+/// the runtime has ready run first (tokio defers a yielded task until the worker has
+/// polled its queue and the I/O driver); it costs microseconds, where a timer waits a
+/// millisecond at least. See docs/adr/0002-commit-ordered-positions.md.
+async fn gather(rx: &mpsc::Receiver<Request>, yields: usize) {
+    let mut queued = rx.len();
+    for _ in 0..yields {
+        tokio::task::yield_now().await;
+        let now = rx.len();
+        if now == queued {
+            break;
+        }
+        queued = now;
     }
 }
 
@@ -260,6 +291,78 @@ mod tests {
             )],
         )];
         (Request { appends, reply }, result)
+    }
+
+    /// A writer that records each batch's size and lets other tasks run while it
+    /// "writes", as a round trip to the database would.
+    #[derive(Debug, Default)]
+    struct Recording {
+        sizes: std::sync::Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl BatchWriter for Recording {
+        async fn write_batch(
+            &self,
+            requests: &[&[StreamAppend]],
+        ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+            self.sizes.lock().unwrap().push(requests.len());
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            let outcome = AppendOutcome {
+                streams: Vec::new(),
+                positions: Vec::new(),
+                last_position: 0,
+                replayed: false,
+            };
+            Ok(requests.iter().map(|_| Ok(outcome.clone())).collect())
+        }
+    }
+
+    /// Batch sizes when `callers` tasks append in a loop, one of them starting first:
+    /// its lone first batch puts it out of step with the others.
+    async fn batch_sizes(gather_yields: usize, callers: usize) -> Vec<usize> {
+        let writer = Arc::new(Recording::default());
+        let config = BatchConfig {
+            gather_yields,
+            ..BatchConfig::default()
+        };
+        let batcher = Batcher::start(writer.clone(), config, watch::channel(0).0);
+        let caller = |batcher: Batcher| async move {
+            for _ in 0..20 {
+                let (request, _) = request();
+                batcher.append(request.appends).await.unwrap();
+            }
+        };
+        let first = tokio::spawn(caller(batcher.clone()));
+        tokio::task::yield_now().await;
+        let others: Vec<_> = (1..callers)
+            .map(|_| tokio::spawn(caller(batcher.clone())))
+            .collect();
+        first.await.unwrap();
+        for task in others {
+            task.await.unwrap();
+        }
+        writer.sizes.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn callers_just_answered_join_the_next_batch() {
+        let sizes = batch_sizes(BatchConfig::default().gather_yields, 8).await;
+        // After the first caller's lone batch and the batch of the seven others, every
+        // batch serves all eight.
+        let full = sizes.iter().filter(|&&n| n == 8).count();
+        assert!(full >= 18, "batch sizes {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn without_gathering_batches_split_the_callers() {
+        // The negative control of the test above: the writer takes the queue as it
+        // finds it, and the caller that started first stays out of step.
+        let sizes = batch_sizes(0, 8).await;
+        let full = sizes.iter().filter(|&&n| n == 8).count();
+        assert!(full < 5, "batch sizes {sizes:?}");
     }
 
     #[tokio::test]

@@ -84,6 +84,10 @@ pub struct AppendArgs {
     /// store's default).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub batch_writers: Option<u32>,
+    /// The store's group-commit gathering (`BatchConfig::gather_yields`; 0 turns it
+    /// off; default: the store's default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub batch_gather_yields: Option<u32>,
     /// Do not ANALYZE the tables after the warm-up and the bulk fill: measure a fresh
     /// database as it is before autovacuum has looked at it.
     #[arg(long)]
@@ -148,12 +152,13 @@ fn text(report: &Report, args: &AppendArgs) -> String {
         },
         |n| format!("{} events per write scenario", report::thousands(n as f64)),
     );
-    let batch_writers = args.batch_writers.map_or(
-        colloquy_eventstore::batcher::BatchConfig::default().writers,
-        |w| w as usize,
-    );
+    let defaults = colloquy_eventstore::batcher::BatchConfig::default();
+    let batch_writers = args.batch_writers.map_or(defaults.writers, |w| w as usize);
+    let gather_yields = args
+        .batch_gather_yields
+        .map_or(defaults.gather_yields, |y| y as usize);
     format!(
-        "colloquy bench append: {} writers, {measured} in {} interleaved rounds, {}-byte payloads, {batch_writers} batch writer(s){}\n{}\n\n{}\ntargets:\n{}",
+        "colloquy bench append: {} writers, {measured} in {} interleaved rounds, {}-byte payloads, {batch_writers} batch writer(s) gathering for up to {gather_yields} yields{}\n{}\n\n{}\ntargets:\n{}",
         args.writers,
         args.rounds,
         args.payload_bytes,
@@ -460,6 +465,9 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
     let mut options = PgOptions::default();
     if let Some(writers) = args.batch_writers {
         options.batch.writers = writers as usize;
+    }
+    if let Some(yields) = args.batch_gather_yields {
+        options.batch.gather_yields = yields as usize;
     }
     let batch = format!("{:?}", options.batch);
     let store = PgEventStore::with_pool(store_pool.clone(), options);
