@@ -385,6 +385,8 @@ pub struct AgentRun {
     completion: Option<(u32, MessageId)>,
     /// Failed because its retries ran out (and not revived since).
     dead_letter: bool,
+    /// Retries scheduled since the latest attempt started (or since the request).
+    waits: u32,
 }
 
 impl AgentRun {
@@ -434,6 +436,14 @@ impl AgentRun {
     #[must_use]
     pub const fn not_before(&self) -> Option<DateTime<Utc>> {
         self.not_before
+    }
+
+    /// Retries scheduled since the latest attempt started, or since the request if none
+    /// has (a revival starts the count again). Each attempt's failure schedules one; the
+    /// rest are waits for a usable key, which the agent counts towards its schedule.
+    #[must_use]
+    pub const fn waits(&self) -> u32 {
+        self.waits
     }
 
     /// Whether the run is a dead letter: failed because its retry schedule
@@ -688,6 +698,7 @@ impl Aggregate for AgentRun {
                     not_before: None,
                     completion: None,
                     dead_letter: false,
+                    waits: 0,
                 }),
                 _ => None,
             };
@@ -700,6 +711,7 @@ impl Aggregate for AgentRun {
                 run.status = RunStatus::RetryScheduled;
                 run.not_before = Some(e.not_before);
                 run.dead_letter = false;
+                run.waits = 0;
             }
             return Some(run);
         }
@@ -709,10 +721,12 @@ impl Aggregate for AgentRun {
                 run.status = RunStatus::Running;
                 run.attempt = e.attempt;
                 run.not_before = None;
+                run.waits = 0;
             }
             RunEvent::RunRetryScheduled(e) => {
                 run.status = RunStatus::RetryScheduled;
                 run.not_before = Some(e.not_before);
+                run.waits = run.waits.saturating_add(1);
             }
             RunEvent::RunCompleted(e) => {
                 run.status = RunStatus::Succeeded;
@@ -1154,6 +1168,28 @@ mod tests {
         assert_eq!(run.not_before(), Some(at(90)));
         assert!(!run.is_dead_letter());
         given(revived(3)).when(start(4)).then([run_started(4)]);
+    }
+
+    #[test]
+    fn waits_count_the_retries_since_the_latest_attempt_started() {
+        let waits = |events: &[RunEvent]| AgentRun::fold(events).unwrap().waits();
+        let mut history = queued();
+        assert_eq!(waits(&history), 0);
+        // Waiting for a key before any attempt.
+        history.push(run_retry_scheduled(0, at(60)));
+        history.push(run_retry_scheduled(0, at(120)));
+        assert_eq!(waits(&history), 2);
+        history.push(run_started(1));
+        assert_eq!(waits(&history), 0, "an attempt starts the count again");
+        history.push(run_retry_scheduled(1, at(180)));
+        assert_eq!(waits(&history), 1, "the attempt's own failure");
+        history.push(run_retry_scheduled(1, at(240)));
+        assert_eq!(waits(&history), 2);
+        // A dead letter revived starts again too.
+        let mut revived_history = revived(1);
+        assert_eq!(waits(&revived_history), 0);
+        revived_history.push(run_retry_scheduled(1, at(300)));
+        assert_eq!(waits(&revived_history), 1);
     }
 
     #[test]

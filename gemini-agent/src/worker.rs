@@ -728,8 +728,16 @@ impl Agent {
                     .await;
             }
             Err(AcquireError::NoUsableKey) => {
+                // An outage only an operator can end (keys revoked, projects
+                // suspended): each wait moves along the schedule, so a run that waits
+                // past its last delay dead-letters instead of waiting for good.
                 return self
-                    .retry_later(run.into(), "every Gemini key is disabled".into(), None, ctx)
+                    .retry_later(
+                        waiting_for_a_key(run),
+                        "every Gemini key is disabled".into(),
+                        None,
+                        ctx,
+                    )
                     .await;
             }
             Err(AcquireError::Store(error)) => return Err(error.into()),
@@ -1083,12 +1091,22 @@ impl Agent {
         until: Option<chrono::DateTime<Utc>>,
         ctx: &Context,
     ) -> Result<Handled, AgentError> {
-        let RunProgress { run, attempt } = run;
-        let retry = attempt.max(1);
+        let RunProgress {
+            run,
+            attempt,
+            waits,
+        } = run;
+        let retry = attempt.max(1).saturating_add(waits);
         let delay = match self.inner.settings.retry_delays.decide(retry) {
             RetryDecision::RetryAfter(delay) => delay,
             RetryDecision::DeadLetter => {
-                let reason = format!("{DEAD_LETTER_PREFIX} after {attempt} attempts: {reason}");
+                let waited = match waits {
+                    0 => String::new(),
+                    1 => " and 1 wait for a usable key".to_owned(),
+                    n => format!(" and {n} waits for a usable key"),
+                };
+                let reason =
+                    format!("{DEAD_LETTER_PREFIX} after {attempt} attempts{waited}: {reason}");
                 return self.fail(&run, reason, ctx).await;
             }
         };
@@ -1137,10 +1155,13 @@ impl KeyProbe for ClientProbe {
     }
 }
 
-/// A run and the attempt it is at (the current one, which may have just failed).
+/// A run and the attempt it is at (the current one, which may have just failed), and
+/// how many steps of the retry schedule it has already waited since that attempt
+/// started beyond the attempt's own (see [`waiting_for_a_key`]).
 struct RunProgress {
     run: AgentRun,
     attempt: u32,
+    waits: u32,
 }
 
 impl From<&AgentRun> for RunProgress {
@@ -1148,6 +1169,7 @@ impl From<&AgentRun> for RunProgress {
         Self {
             run: run.clone(),
             attempt: run.attempt(),
+            waits: 0,
         }
     }
 }
@@ -1156,6 +1178,20 @@ fn run_attempted(run: &AgentRun, attempt: u32) -> RunProgress {
     RunProgress {
         run: run.clone(),
         attempt,
+        waits: 0,
+    }
+}
+
+/// A run that found every key disabled: the retries it was scheduled since its
+/// latest attempt started count as steps of the schedule, so its waits grow (1 min,
+/// 10 min, 1 h, 1 day by default) and it dead-letters after the last. A run that only
+/// waits for budget (keys cooling, quotas spent) is not escalated: its wait ends at a
+/// known time without anyone acting.
+fn waiting_for_a_key(run: &AgentRun) -> RunProgress {
+    RunProgress {
+        run: run.clone(),
+        attempt: run.attempt(),
+        waits: run.waits(),
     }
 }
 

@@ -572,12 +572,13 @@ async fn a_rate_limit_storm_dead_letters_the_exhausted_and_completes_the_rest_on
 /// message quotes the key). Then the key is issued again and the project reinstated.
 ///
 /// Compressed: the re-probe every 400 ms stands for the agent role's every 5 minutes, and
-/// the 1 s first retry delay for its 1 minute, so the outage (≈5 s here) stands for an
-/// hour or so with every key out.
+/// the retry delays 1 s, 2 s, 12 s for `1m,10m,1h,1d`, so the outage (≈5 s here) stands
+/// for an hour or so with every key out.
 ///
 /// Shows: each key is disabled after the first call it fails and is not called again
 /// for runs (the re-probe's cheap model list is the only traffic, at its interval);
-/// runs wait in `retrying`, rescheduled no more often than the first delay, with a
+/// runs wait in `retrying`, each wait a step further along the retry schedule (so no
+/// more reschedules than the schedule has delays, however long the outage), with a
 /// last error saying the keys are disabled and never quoting a key; the admin view of
 /// the pool says why each key is disabled. Once Gemini takes the keys again, an
 /// operator's recheck and the periodic re-probe enable them, and every run completes
@@ -586,7 +587,11 @@ async fn a_rate_limit_storm_dead_letters_the_exhausted_and_completes_the_rest_on
 async fn with_every_key_rejected_runs_wait_without_calls_and_complete_once_keys_return() {
     const REVOKED: &str = "storm-revoked-key-a";
     const SUSPENDED: &str = "storm-suspended-key-b";
-    let delays = [Duration::from_secs(1), Duration::from_secs(2)];
+    let delays = [
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        Duration::from_secs(12),
+    ];
     // The revoked key is unknown to Gemini; the other one's project is suspended.
     let fake = FakeGemini::start(FakeConfig::default().key(SUSPENDED, "proj-b"))
         .await
@@ -666,13 +671,25 @@ async fn with_every_key_rejected_runs_wait_without_calls_and_complete_once_keys_
             attempts_started(&events).len() <= 1,
             "no attempt starts without a usable key: {events:#?}"
         );
+        // Each wait is a step of the schedule (the first the failed attempt's, if it
+        // started one), not one more first delay: at the first delay's pace the outage
+        // would have rescheduled each run about once a second.
         let retries = of_type(&events, "RunRetryScheduled");
-        let most = (waited.as_secs_f64() / delays[0].as_secs_f64()).ceil() as usize + 2;
         assert!(
-            retries.len() <= most,
+            (1..=delays.len()).contains(&retries.len()),
             "{} reschedules in {waited:?}: {events:#?}",
             retries.len()
         );
+        let due: Vec<chrono::DateTime<chrono::Utc>> = retries
+            .iter()
+            .map(|e| e.data["notBefore"].as_str().unwrap().parse().unwrap())
+            .collect();
+        for pair in due.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= chrono::Duration::from_std(delays[1]).unwrap(),
+                "the waits grow: {due:?}"
+            );
+        }
         let view = run_view(&app, &user, asked.run).await;
         assert_eq!(view["status"], "retrying", "{view}");
         let error = view["error"].as_str().unwrap();
@@ -720,6 +737,71 @@ async fn with_every_key_rejected_runs_wait_without_calls_and_complete_once_keys_
         },
     )
     .await;
+    agent.stop().await;
+}
+
+/// Every key rejected for good: the only key is unknown to Gemini and nobody issues it
+/// again.
+///
+/// Compressed: retry delays of 300 ms and 600 ms for `1m,10m,1h,1d`, so the outage
+/// (about a second here) stands for a day and more.
+///
+/// Shows: a run that waits for a usable key past the last delay of its schedule
+/// dead-letters (`retries exhausted … every Gemini key is disabled`) instead of waiting
+/// for good, is listed for an operator with the dead letters, and wrote no more
+/// reschedules than the schedule has delays.
+#[tokio::test]
+async fn with_every_key_rejected_for_good_runs_dead_letter_after_the_schedule() {
+    let delays = [Duration::from_millis(300), Duration::from_millis(600)];
+    let fake = FakeGemini::start(FakeConfig::default()).await.unwrap();
+    let app = app_without_agent().await;
+    let user = app.register_and_login().await;
+    let admin = app.register_admin().await;
+    let mut agent = StormAgent::new(
+        &app,
+        &fake,
+        vec![PoolKey::new("revoked", "storm-unknown-key", "proj-a")],
+        storm_settings(&delays),
+    )
+    .await;
+    let runs = ask_many(&app, &user, "keyless-for-good", 3).await;
+    agent.start(&app).await;
+
+    all_reach(&app, &runs, "failed", Duration::from_secs(30)).await;
+    for asked in &runs {
+        let events = run_log(&app, asked.run).await;
+        let failed = of_type(&events, "RunFailed");
+        assert_eq!(failed.len(), 1, "{events:#?}");
+        let reason = failed[0].data["reason"].as_str().unwrap();
+        assert!(reason.starts_with(DEAD_LETTER_PREFIX), "{reason}");
+        assert!(reason.contains("every Gemini key is disabled"), "{reason}");
+        assert!(!reason.contains("storm-unknown-key"), "{reason}");
+        assert!(attempts_started(&events).len() <= 1, "{events:#?}");
+        assert!(
+            of_type(&events, "RunRetryScheduled").len() <= delays.len(),
+            "{events:#?}"
+        );
+    }
+    let head = app.store.head().await.unwrap();
+    let listed: Value = app
+        .request(Method::GET, "/v1/admin/runs/dead-letters", &admin)
+        .header("X-Colloquy-Min-Position", head.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut listed: Vec<String> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut expected: Vec<String> = runs.iter().map(|a| a.run.as_uuid().to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "the runs are dead letters");
     agent.stop().await;
 }
 
