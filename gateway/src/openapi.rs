@@ -16,7 +16,8 @@
 //! - [`ProblemResponses`] fills in what every error response shares, so that handlers
 //!   list only their statuses and why: the `application/problem+json` body, `Retry-After`
 //!   on 429 and 503, `WWW-Authenticate` on 401, a 401 on every operation that needs a
-//!   token, and a 503 on every operation (the request timeout answers any route).
+//!   token, a 503 on every operation (the request timeout answers any route), and on
+//!   every operation with a JSON body the 408, 413 and 415 its reading can answer.
 //!
 //! `/docs` is a small HTML page that loads the Scalar API reference viewer from its
 //! CDN (jsDelivr) in the browser and points it at `/openapi.json`: nothing is bundled
@@ -206,7 +207,23 @@ fn complete(operation: &mut Operation) {
         .security
         .as_ref()
         .is_some_and(|requirements| !requirements.is_empty());
+    let has_body = operation.request_body.is_some();
     let responses = &mut operation.responses.responses;
+    if has_body {
+        // Every JSON body goes through `error::json_body_bytes`.
+        for (status, description) in [
+            (
+                "408",
+                "The request body did not arrive within 10 s (`request_timeout`)",
+            ),
+            ("413", "Body too large"),
+            ("415", "Body is not `application/json`"),
+        ] {
+            responses
+                .entry(status.to_owned())
+                .or_insert_with(|| RefOr::T(ApiResponse::new(description)));
+        }
+    }
     if needs_token && !responses.contains_key("401") {
         responses.insert(
             "401".to_owned(),
@@ -654,6 +671,11 @@ mod tests {
             let operation = &doc["paths"][&path][method.to_lowercase()];
             let responses = operation["responses"].as_object().unwrap();
             assert!(responses.contains_key("503"), "{method} {path}: 503");
+            if operation["requestBody"].is_object() {
+                for status in ["408", "413", "415"] {
+                    assert!(responses.contains_key(status), "{method} {path}: {status}");
+                }
+            }
             let secured = operation["security"]
                 .as_array()
                 .is_some_and(|s| !s.is_empty());
