@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ use colloquy_projections::runner::ProjectionLag;
 use colloquy_projections::{Runner, all_projections};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -126,7 +127,8 @@ impl Application {
         listener: Option<TcpListener>,
         roles: BTreeSet<Role>,
     ) -> anyhow::Result<Self> {
-        let (db, store, backing) = open_storage(&config.storage).await?;
+        let (db, store, backing) =
+            open_storage(&config.storage, config.settings.database_pool_size).await?;
         let listener = match listener {
             Some(listener) => listener,
             None => TcpListener::bind(config.settings.bind)
@@ -629,16 +631,24 @@ pub fn jwt_secret(config: &Config) -> anyhow::Result<Option<SecretString>> {
     }
 }
 
-/// Opens the configured storage: Postgres (migrated) and NATS, or the SQLite file.
+/// Opens the configured storage: Postgres (migrated; a pool of `pool_size`
+/// connections, named `colloquy` in `pg_stat_activity` unless `DATABASE_URL` names
+/// them) and NATS, or the SQLite file.
 async fn open_storage(
     storage: &Storage,
+    pool_size: u32,
 ) -> anyhow::Result<(Database, Arc<dyn EventStore>, Backing)> {
     match storage {
         Storage::Postgres { url, nats_url } => {
+            let mut options = PgConnectOptions::from_str(url.expose_secret())
+                .context("DATABASE_URL is not a Postgres URL")?;
+            if options.get_application_name().is_none() {
+                options = options.application_name("colloquy");
+            }
             let pool = PgPoolOptions::new()
-                .max_connections(16)
+                .max_connections(pool_size)
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(url.expose_secret())
+                .connect_with(options)
                 .await
                 .context("Failed to connect to Postgres (DATABASE_URL)")?;
             colloquy_eventstore::postgres::migrate(&pool)

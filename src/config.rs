@@ -39,6 +39,7 @@ pub const KEYS: &[&str] = &[
     "COLLOQUY_SSE_MAX_STREAMS_PER_USER",
     "COLLOQUY_SSE_MAX_STREAMS",
     "COLLOQUY_MAX_CONNECTIONS",
+    "COLLOQUY_DATABASE_POOL_SIZE",
     "COLLOQUY_COMMANDS_PER_SECOND",
     "COLLOQUY_COMMAND_BURST",
     "COLLOQUY_SSE_BUFFER",
@@ -136,6 +137,10 @@ pub struct Settings {
     /// listen backlog.
     #[serde(rename = "COLLOQUY_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Postgres connections one process may open (its pool's size). Every process of a
+    /// deployment counts against the server's `max_connections`.
+    #[serde(rename = "COLLOQUY_DATABASE_POOL_SIZE")]
+    pub database_pool_size: u32,
     /// Events the live feed holds per user with open streams, for slow SSE clients; one
     /// further behind is told to reconnect and resume.
     #[serde(rename = "COLLOQUY_SSE_BUFFER")]
@@ -199,6 +204,7 @@ impl Default for Settings {
             sse_max_streams_per_user: 16,
             sse_max_streams: colloquy_gateway::LiveSettings::DEFAULT_MAX_STREAMS,
             max_connections: colloquy_gateway::edges::Connections::DEFAULT_MAX,
+            database_pool_size: 16,
             sse_buffer: 256,
             gemini_api_keys: None,
             gemini_api_keys_file: None,
@@ -317,6 +323,11 @@ impl Settings {
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
             bail!("COLLOQUY_MAX_CONNECTIONS must be between 1 and 1000000");
+        }
+        if !(4..=1_000).contains(&self.database_pool_size) {
+            // Below 4, the connection the wake-ups listen on, the group-commit writer's
+            // and a projector's transaction leave nothing for queries.
+            bail!("COLLOQUY_DATABASE_POOL_SIZE must be between 4 and 1000");
         }
         if !(16..=1_000_000).contains(&self.sse_buffer) {
             bail!("COLLOQUY_SSE_BUFFER must be between 16 and 1000000 events");
@@ -557,12 +568,27 @@ mod tests {
             ("COLLOQUY_STREAM", "a.b"),
             ("COLLOQUY_SUBJECT_PREFIX", "a.b"),
             ("GEMINI_BASE_URL", "not a url"),
+            ("COLLOQUY_DATABASE_POOL_SIZE", "many"),
         ] {
             let err = load(&[(key, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "{key}: {err}");
         }
         let err = load(&[("COLLOQUY_BIND", "nowhere")]).unwrap_err();
         assert!(err.to_string().contains("COLLOQUY_BIND"), "{err}");
+        let pool = |size| {
+            Settings {
+                database_pool_size: size,
+                ..Settings::default()
+            }
+            .validate()
+        };
+        let err = pool(3).unwrap_err();
+        assert!(
+            err.to_string().contains("COLLOQUY_DATABASE_POOL_SIZE"),
+            "{err}"
+        );
+        assert_eq!(pool(4).unwrap().settings.database_pool_size, 4);
+        assert_eq!(load(&[]).unwrap().settings.database_pool_size, 16);
     }
 
     #[test]

@@ -49,3 +49,72 @@ async fn shutdown_stops_serving_and_returns_cleanly() {
     let after = app.client.get(app.url("/healthz")).send().await;
     assert!(after.is_err(), "the listener is closed after shutdown");
 }
+
+/// `COLLOQUY_DATABASE_POOL_SIZE` bounds the Postgres connections of a process, which
+/// names them `colloquy`: a burst of concurrent sends and reads, with every role
+/// running, never has more open, and is all served (requests wait for a connection).
+#[tokio::test]
+async fn a_process_opens_no_more_postgres_connections_than_its_pool_size() {
+    if crate::helpers::embedded() {
+        return; // One SQLite file, no server connections.
+    }
+    const POOL: u32 = 4;
+    let app = spawn_app_with(|s| s.database_pool_size = POOL).await;
+    let user = app.register_and_login().await;
+    let mut conversations = Vec::new();
+    for _ in 0..8 {
+        conversations.push(app.create_conversation(&user).await);
+    }
+    let observer = app.db.pool().await;
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'colloquy'",
+        )
+        .fetch_one(&observer)
+        .await
+        .unwrap()
+    };
+    let done = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let done = done.clone();
+        async move {
+            let mut most = 0;
+            while !done.is_cancelled() {
+                most = most.max(count().await);
+                tokio::task::yield_now().await;
+            }
+            most.max(count().await)
+        }
+    };
+    let burst = async {
+        let requests = (0..64).map(|i| {
+            let conversation = &conversations[i % conversations.len()];
+            let (app, user) = (&app, &user);
+            async move {
+                if i % 2 == 0 {
+                    app.send_message(user, conversation, &format!("message {i}"), false)
+                        .await;
+                } else {
+                    let response = app
+                        .request(
+                            reqwest::Method::GET,
+                            &format!("/v1/conversations/{conversation}/messages"),
+                            user,
+                        )
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200, "read a page");
+                }
+            }
+        });
+        futures::future::join_all(requests).await;
+        done.cancel();
+    };
+    let ((), most) = tokio::join!(burst, sampler);
+    assert!(
+        (1..=i64::from(POOL)).contains(&most),
+        "{most} connections named colloquy with a pool of {POOL}"
+    );
+}
