@@ -104,7 +104,9 @@ pub fn router_with(state: GatewayState, edges: &edges::Edges) -> Result<Router, 
 /// One span per request, continuing the client's trace (a valid `traceparent` header)
 /// or starting one; the commands it runs record it in their events' metadata, so the
 /// relay, the projectors and the agent continue the same trace. It names the route,
-/// never the path or query (which may hold ids and tokens).
+/// never the path or query (which may hold ids and tokens). Probes and scrapes
+/// (`/healthz`, `/readyz`, `/metrics`), which arrive every few seconds from every
+/// orchestrator and scraper, start no trace.
 async fn trace_request(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -114,6 +116,9 @@ async fn trace_request(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
+        return next.run(request).await;
+    }
     let span = tracing::info_span!(
         "http.request",
         otel.name = %format_args!("{} {route}", request.method()),

@@ -243,6 +243,13 @@ async fn one_user_action_is_one_trace_across_processes_and_nothing_secret_is_log
     let mut agent = Proc::spawn("agent", serve("agent"));
     agent.url_after("colloquy serving").await;
 
+    // Probes and scrapes, as an orchestrator and a scraper send them: no trace (checked
+    // below, once later spans of this gateway have been exported).
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let probed = reqwest::get(format!("{base}{path}")).await.unwrap();
+        assert!(probed.status().is_success(), "{path}: {}", probed.status());
+    }
+
     // The user action, under a trace the test chose.
     let trace_id = uuid::Uuid::new_v4().simple().to_string();
     let traceparent = format!(
@@ -344,6 +351,13 @@ async fn one_user_action_is_one_trace_across_processes_and_nothing_secret_is_log
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let every_span = format!("{:?}", received.lock().unwrap());
+    for probe in ["GET /healthz", "GET /readyz", "GET /metrics"] {
+        assert!(
+            !every_span.contains(probe),
+            "a span for {probe}: probes and scrapes start no trace"
+        );
+    }
     let processes: BTreeMap<&str, &str> = seen
         .iter()
         .map(|s| (s.pid.as_str(), s.roles.as_str()))
