@@ -345,8 +345,13 @@ impl Application {
         let relay_config = self.relay_config();
         if self.roles.contains(&Role::Relay) || self.roles.contains(&Role::Projector) {
             // Both need the stream; creating it is idempotent. A NATS outage at start
-            // is not fatal: the relay retries, projections follow the log meanwhile.
-            if let Err(error) = ensure_stream(&jetstream, &relay_config).await {
+            // is not fatal: the relay retries, projections follow the log meanwhile
+            // (so with NATS out of reach nothing waits here for JetStream's timeout).
+            if nats.connection_state() != async_nats::connection::State::Connected {
+                tracing::warn!(
+                    "NATS is not reachable yet: the JetStream stream will be created when it is"
+                );
+            } else if let Err(error) = ensure_stream(&jetstream, &relay_config).await {
                 tracing::warn!(error = %error, "cannot create the JetStream stream yet; roles will retry");
             }
         }
@@ -501,30 +506,59 @@ pub(crate) async fn key_pool(
     };
     let jetstream = async_nats::jetstream::new(nats.clone());
     let bucket = format!("{}_budgets", settings.stream);
-    let store: Arc<dyn BudgetStore> = match KvBudgetStore::open(
-        &jetstream,
-        KvBudgetConfig {
-            // As many copies as the event stream: losing a node must not stall the agents.
-            replicas: settings.stream_replicas,
-            ..KvBudgetConfig::new(bucket, settings.subject_prefix.clone())
-        },
-    )
-    .await
-    {
-        Ok(store) => Arc::new(store),
-        Err(error) if shared_only => {
-            return Err(anyhow::Error::new(error).context(
-                "Failed to open the key pool's shared budgets (NATS needs JetStream with key-value stores: 2.10 or later)",
-            ));
-        }
-        Err(error) => {
-            tracing::warn!(error = %error, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
-            Arc::new(MemoryBudgetStore::new())
+    let kv_config = KvBudgetConfig {
+        // As many copies as the event stream: losing a node must not stall the agents.
+        replicas: settings.stream_replicas,
+        ..KvBudgetConfig::new(bucket, settings.subject_prefix.clone())
+    };
+    let connected = nats.connection_state() == async_nats::connection::State::Connected;
+    let store: Arc<dyn BudgetStore> = if !connected && !shared_only {
+        // Out of reach at start: the buckets are opened once NATS answers (until then
+        // the agent can take no run anyway, as runs come through NATS). Waiting here
+        // would hold the process's start for JetStream's timeouts, and falling back to
+        // process memory would leave the budgets unshared for good.
+        tracing::warn!(
+            "NATS is not reachable yet: the Gemini budgets' shared buckets will be opened when it is"
+        );
+        Arc::new(KvBudgetStore::unopened(&jetstream, kv_config)?)
+    } else {
+        match KvBudgetStore::open(&jetstream, kv_config.clone()).await {
+            Ok(store) => Arc::new(store),
+            Err(error) if shared_only => {
+                return Err(anyhow::Error::new(error).context(
+                    "Failed to open the key pool's shared budgets (NATS needs JetStream with key-value stores: 2.10 or later)",
+                ));
+            }
+            Err(error) if !has_key_value_stores(&nats.server_info().version) => {
+                tracing::warn!(error = %error, version = %nats.server_info().version, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
+                Arc::new(MemoryBudgetStore::new())
+            }
+            Err(error) => {
+                // A server that can hold them did not answer in time (a cluster
+                // electing a leader, a connection lost meanwhile): try again with
+                // each use rather than give up sharing.
+                tracing::warn!(error = %error, "the Gemini budgets' shared buckets could not be opened yet; they will be with their first use");
+                Arc::new(KvBudgetStore::unopened(&jetstream, kv_config)?)
+            }
         }
     };
     let pool = KeyPool::new(pool_config, store, Arc::new(SystemClock))
         .context("Failed to set up the Gemini key pool (GEMINI_API_KEYS)")?;
     Ok(Some(Arc::new(pool)))
+}
+
+/// Whether a nats-server of `version` (e.g. `2.10.4`) has JetStream key-value stores
+/// with the compare-and-set the budgets need: 2.10 or later. An unreadable version is
+/// given the benefit of the doubt.
+fn has_key_value_stores(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 10),
+        _ => true,
+    }
 }
 
 /// The embedded mode's token-signing secret when none is configured: made once and kept
@@ -631,6 +665,10 @@ pub fn jwt_secret(config: &Config) -> anyhow::Result<Option<SecretString>> {
     }
 }
 
+/// How long a starting process waits for its first NATS connection before going on
+/// without it.
+const NATS_FIRST_CONNECT: Duration = Duration::from_secs(2);
+
 /// Opens the configured storage: Postgres (migrated; a pool of `pool_size`
 /// connections, named `colloquy` in `pg_stat_activity` unless `DATABASE_URL` names
 /// them) and NATS, or the SQLite file.
@@ -661,6 +699,15 @@ async fn open_storage(
                 .connect(nats_servers(nats_url)?)
                 .await
                 .context("Failed to configure the NATS connection (NATS_URL)")?;
+            // The client connects in the background; give it a moment, so that what
+            // starts next sees a server that is up as up. One that is down is not
+            // waited for: every role copes with NATS coming later.
+            let connecting = tokio::time::Instant::now();
+            while nats.connection_state() != async_nats::connection::State::Connected
+                && connecting.elapsed() < NATS_FIRST_CONNECT
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             Ok((
                 Database::Postgres(pool),
                 Arc::new(store.clone()),
@@ -870,6 +917,24 @@ impl Probe for ProjectionsProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_value_stores_need_nats_2_10() {
+        for version in [
+            "2.10.0",
+            "2.10.4",
+            "2.11.1",
+            "2.15.1",
+            "3.0.0",
+            "v2.12.0-beta.1",
+        ] {
+            assert!(has_key_value_stores(version), "{version}");
+        }
+        for version in ["2.9.10", "2.9.25", "2.2.0", "1.4.1"] {
+            assert!(!has_key_value_stores(version), "{version}");
+        }
+        assert!(has_key_value_stores("unknown"), "benefit of the doubt");
+    }
 
     #[test]
     fn nats_url_takes_one_server_or_a_list() {

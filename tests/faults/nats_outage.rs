@@ -558,6 +558,53 @@ async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
 }
 
 #[tokio::test]
+async fn a_process_started_while_nats_is_down_serves_and_shares_its_budgets_once_it_is_up() {
+    let mut nats = NatsServer::start().await;
+    nats.kill();
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let (url, gemini) = (nats.url(), fake.base_url());
+    // Every role, NATS out of reach: the process starts and serves all the same.
+    let app = spawn_app_with(move |settings| {
+        settings.nats_url = Some(url);
+        settings.gemini_base_url = gemini;
+        settings.gemini_api_keys = Some(SecretString::from("main=fake-key-1@proj-a".to_owned()));
+    })
+    .await;
+    nats_seen_as(&app, "down").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let sent = app
+        .send_message(&user, &conversation, "asked before NATS was up", true)
+        .await;
+    let run = sent["run_id"].as_str().unwrap().to_owned();
+
+    nats.restart().await;
+    nats_seen_as(&app, "up").await;
+    let finished = finished_run(&app, &user, &run).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(generation_calls(&fake), 1);
+
+    // The call was spent from the budgets every agent shares (the JetStream key-value
+    // bucket), not from this process's memory.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let bucket = format!("{}_budgets", app.prefix.to_uppercase());
+    let budgets = jetstream
+        .get_key_value(bucket.clone())
+        .await
+        .unwrap_or_else(|e| panic!("no shared budgets bucket {bucket}: {e}"));
+    let keys: Vec<String> = futures::TryStreamExt::try_collect(budgets.keys().await.unwrap())
+        .await
+        .unwrap();
+    assert!(
+        keys.iter().any(|key| key.contains("proj-a")),
+        "the call's spending is shared: {keys:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_run_in_flight_when_nats_goes_down_completes_with_the_reply_it_got() {
     let mut nats = NatsServer::start().await;
     let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))

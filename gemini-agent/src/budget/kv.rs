@@ -63,12 +63,14 @@ impl KvBudgetConfig {
 /// A NATS server can come back without its JetStream data (a replaced node, a lost
 /// volume): an operation that fails while the connection is up opens the buckets again,
 /// creating them if they are gone, so that the next operation works (the agent retries
-/// its runs) instead of every one failing until the process restarts.
+/// its runs) instead of every one failing until the process restarts. A store made
+/// with [`KvBudgetStore::unopened`] (NATS was out of reach when the process started)
+/// opens them at its first operation once NATS is connected, and fails until then.
 #[derive(Debug, Clone)]
 pub struct KvBudgetStore {
     js: jetstream::Context,
     configs: Arc<(kv::Config, kv::Config)>,
-    buckets: Arc<RwLock<Buckets>>,
+    buckets: Arc<RwLock<Option<Buckets>>>,
     prefix: String,
 }
 
@@ -83,6 +85,19 @@ impl KvBudgetStore {
     /// Opens the buckets, creating them if they do not exist yet (several instances may
     /// race to create them; creating an identical bucket again succeeds).
     pub async fn open(js: &jetstream::Context, config: KvBudgetConfig) -> Result<Self, StoreError> {
+        let store = Self::unopened(js, config)?;
+        let buckets = open_buckets(js, &store.configs).await?;
+        *store
+            .buckets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(buckets);
+        Ok(store)
+    }
+
+    /// The store without its buckets yet, for a process that starts while NATS is out
+    /// of reach: it opens them (creating them if need be) at the first operation made
+    /// while the connection is up; until then every operation fails as an outage does.
+    pub fn unopened(js: &jetstream::Context, config: KvBudgetConfig) -> Result<Self, StoreError> {
         let prefix = config.prefix.trim_matches('.');
         let prefix_ok = !prefix.is_empty()
             && prefix.split('.').all(|token| {
@@ -119,21 +134,36 @@ impl KvBudgetStore {
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let configs = Arc::new((windows, health));
-        let buckets = open_buckets(js, &configs).await?;
         Ok(Self {
             js: js.clone(),
-            configs,
-            buckets: Arc::new(RwLock::new(buckets)),
+            configs: Arc::new((windows, health)),
+            buckets: Arc::new(RwLock::new(None)),
             prefix: prefix.to_owned(),
         })
     }
 
-    fn buckets(&self) -> Buckets {
-        self.buckets
+    /// The buckets, opened now if they never were and NATS is connected.
+    async fn buckets(&self) -> Result<Buckets, StoreError> {
+        let opened = self
+            .buckets
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .clone();
+        if let Some(buckets) = opened {
+            return Ok(buckets);
+        }
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(backend(
+                "open buckets",
+                std::io::Error::new(std::io::ErrorKind::NotConnected, "NATS is not connected"),
+            ));
+        }
+        let buckets = open_buckets(&self.js, &self.configs).await?;
+        *self
+            .buckets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(buckets.clone());
+        Ok(buckets)
     }
 
     /// Passes `result` on; after a backend failure while NATS is connected (so not an
@@ -147,7 +177,7 @@ impl KvBudgetStore {
                     *self
                         .buckets
                         .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = buckets;
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(buckets);
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "budget store: cannot open its buckets again");
@@ -257,7 +287,7 @@ async fn after_conflict(attempt: u32) {
 impl KvBudgetStore {
     async fn usage_once(&self, window: &Window) -> Result<Usage, StoreError> {
         Ok(
-            read::<Usage>(&self.buckets().windows, &self.window_key(window))
+            read::<Usage>(&self.buckets().await?.windows, &self.window_key(window))
                 .await?
                 .map(|(usage, _)| usage)
                 .unwrap_or_default(),
@@ -272,7 +302,7 @@ impl KvBudgetStore {
     ) -> Result<Spend, StoreError> {
         let key = self.window_key(window);
         for attempt in 0..MAX_ATTEMPTS {
-            let current = read::<Usage>(&self.buckets().windows, &key).await?;
+            let current = read::<Usage>(&self.buckets().await?.windows, &key).await?;
             let (usage, revision) = match current {
                 Some((usage, revision)) => (usage, Some(revision)),
                 None => (Usage::default(), None),
@@ -281,7 +311,7 @@ impl KvBudgetStore {
                 return Ok(Spend::Refused(usage));
             }
             let next = usage.plus(add);
-            if write_if(&self.buckets().windows, &key, &next, revision).await? {
+            if write_if(&self.buckets().await?.windows, &key, &next, revision).await? {
                 return Ok(Spend::Granted(next));
             }
             after_conflict(attempt).await;
@@ -300,7 +330,7 @@ impl KvBudgetStore {
     ) -> Result<(), StoreError> {
         let key = self.window_key(window);
         for attempt in 0..MAX_ATTEMPTS {
-            let current = read::<Usage>(&self.buckets().windows, &key).await?;
+            let current = read::<Usage>(&self.buckets().await?.windows, &key).await?;
             let (usage, revision) = match current {
                 Some((usage, revision)) => (usage, Some(revision)),
                 None => (Usage::default(), None),
@@ -309,7 +339,7 @@ impl KvBudgetStore {
             if next == usage {
                 return Ok(());
             }
-            if write_if(&self.buckets().windows, &key, &next, revision).await? {
+            if write_if(&self.buckets().await?.windows, &key, &next, revision).await? {
                 return Ok(());
             }
             after_conflict(attempt).await;
@@ -322,7 +352,7 @@ impl KvBudgetStore {
 
     async fn load_health_once(&self) -> Result<Versioned<Health>, StoreError> {
         Ok(
-            match read::<Health>(&self.buckets().health, &self.health_key()).await? {
+            match read::<Health>(&self.buckets().await?.health, &self.health_key()).await? {
                 Some((value, revision)) => Versioned {
                     value,
                     revision: Some(revision),
@@ -340,7 +370,13 @@ impl KvBudgetStore {
         health: &Health,
         revision: Option<u64>,
     ) -> Result<bool, StoreError> {
-        write_if(&self.buckets().health, &self.health_key(), health, revision).await
+        write_if(
+            &self.buckets().await?.health,
+            &self.health_key(),
+            health,
+            revision,
+        )
+        .await
     }
 }
 
