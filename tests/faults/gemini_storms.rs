@@ -319,6 +319,36 @@ fn assert_attempts_in_order(events: &[RecordedEvent]) {
     assert_eq!(started, expected, "attempts in order, each once");
 }
 
+/// The ids of the runs `/v1/admin/runs/dead-letters` lists once the runs read model has
+/// reached the log's head, sorted.
+async fn dead_letters(app: &TestApp, admin: &TestUser) -> Vec<String> {
+    let head = app.store.head().await.unwrap();
+    let listed: Value = app
+        .request(Method::GET, "/v1/admin/runs/dead-letters", admin)
+        .header("X-Colloquy-Min-Position", head.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The runs' ids, sorted.
+fn run_ids(runs: &[Asked]) -> Vec<String> {
+    let mut ids: Vec<String> = runs.iter().map(|a| a.run.as_uuid().to_string()).collect();
+    ids.sort();
+    ids
+}
+
 fn probe_calls(fake: &FakeGemini) -> usize {
     fake.requests()
         .iter()
@@ -479,27 +509,9 @@ async fn a_rate_limit_storm_dead_letters_the_exhausted_and_completes_the_rest_on
 
     // The dead letters are listed for an operator, who revives them; each then
     // completes once.
-    let head = app.store.head().await.unwrap();
-    let listed: Value = app
-        .request(Method::GET, "/v1/admin/runs/dead-letters", &admin)
-        .header("X-Colloquy-Min-Position", head.to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut listed: Vec<String> = listed["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|item| item["id"].as_str().unwrap().to_owned())
-        .collect();
-    listed.sort();
-    let mut expected: Vec<String> = early.iter().map(|a| a.run.as_uuid().to_string()).collect();
-    expected.sort();
     assert_eq!(
-        listed, expected,
+        dead_letters(&app, &admin).await,
+        run_ids(&early),
         "exactly the exhausted runs are dead letters"
     );
     for asked in &early {
@@ -551,17 +563,7 @@ async fn a_rate_limit_storm_dead_letters_the_exhausted_and_completes_the_rest_on
             "succeeded"
         );
     }
-    let head = app.store.head().await.unwrap();
-    let listed: Value = app
-        .request(Method::GET, "/v1/admin/runs/dead-letters", &admin)
-        .header("X-Colloquy-Min-Position", head.to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed["items"], serde_json::json!([]));
+    assert!(dead_letters(&app, &admin).await.is_empty());
     agent.stop().await;
 }
 
@@ -782,26 +784,11 @@ async fn with_every_key_rejected_for_good_runs_dead_letter_after_the_schedule() 
             "{events:#?}"
         );
     }
-    let head = app.store.head().await.unwrap();
-    let listed: Value = app
-        .request(Method::GET, "/v1/admin/runs/dead-letters", &admin)
-        .header("X-Colloquy-Min-Position", head.to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut listed: Vec<String> = listed["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|item| item["id"].as_str().unwrap().to_owned())
-        .collect();
-    listed.sort();
-    let mut expected: Vec<String> = runs.iter().map(|a| a.run.as_uuid().to_string()).collect();
-    expected.sort();
-    assert_eq!(listed, expected, "the runs are dead letters");
+    assert_eq!(
+        dead_letters(&app, &admin).await,
+        run_ids(&runs),
+        "the runs are dead letters"
+    );
     agent.stop().await;
 }
 
