@@ -158,6 +158,7 @@ impl Application {
                     config.settings.commands_per_second,
                     config.settings.command_burst,
                 )),
+                trusted_proxies: config.trusted_proxies.clone(),
                 ..Default::default()
             },
         )

@@ -30,6 +30,7 @@ pub const KEYS: &[&str] = &[
     "COLLOQUY_OIDC_ALGORITHMS",
     "COLLOQUY_OIDC_JWKS_COOLDOWN",
     "COLLOQUY_CORS_ORIGINS",
+    "COLLOQUY_TRUSTED_PROXIES",
     "COLLOQUY_STREAM",
     "COLLOQUY_STREAM_REPLICAS",
     "COLLOQUY_DUPLICATE_WINDOW",
@@ -104,6 +105,10 @@ pub struct Settings {
     /// Allowed CORS origins, comma-separated.
     #[serde(rename = "COLLOQUY_CORS_ORIGINS", default)]
     pub cors_origins: Option<String>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for the per-address
+    /// limit of the auth routes): addresses or networks, comma-separated.
+    #[serde(rename = "COLLOQUY_TRUSTED_PROXIES", default)]
+    pub trusted_proxies: Option<String>,
     /// JetStream stream name.
     #[serde(rename = "COLLOQUY_STREAM")]
     pub stream: String,
@@ -193,6 +198,7 @@ impl Default for Settings {
             oidc_algorithms: None,
             oidc_jwks_cooldown: "10s".into(),
             cors_origins: None,
+            trusted_proxies: None,
             stream: "COLLOQUY".into(),
             stream_replicas: 1,
             duplicate_window: "2m".into(),
@@ -242,6 +248,8 @@ pub struct Config {
     /// The Gemini key pool: keys by project, budgets.
     pub gemini_pool: PoolConfig,
     pub cors_origins: Vec<String>,
+    /// `COLLOQUY_TRUSTED_PROXIES`, parsed.
+    pub trusted_proxies: colloquy_gateway::auth::TrustedProxies,
     /// The external identity provider, when `COLLOQUY_OIDC_*` configure one.
     pub oidc: Option<OidcSettings>,
 }
@@ -385,6 +393,12 @@ impl Settings {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
+        let trusted_proxies = self
+            .trusted_proxies
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("COLLOQUY_TRUSTED_PROXIES: {e}"))?;
         Ok(Config {
             storage,
             duplicate_window,
@@ -393,6 +407,7 @@ impl Settings {
             retry_delays,
             gemini_pool,
             cors_origins,
+            trusted_proxies,
             oidc,
             settings: self,
         })
@@ -569,6 +584,7 @@ mod tests {
             ("COLLOQUY_SUBJECT_PREFIX", "a.b"),
             ("GEMINI_BASE_URL", "not a url"),
             ("COLLOQUY_DATABASE_POOL_SIZE", "many"),
+            ("COLLOQUY_TRUSTED_PROXIES", "10.0.0.0/8,the-ingress"),
         ] {
             let err = load(&[(key, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "{key}: {err}");

@@ -465,6 +465,57 @@ async fn a_burst_of_logins_from_one_address_is_rate_limited() {
     panic!("40 × 5 concurrent logins were never rate-limited");
 }
 
+/// Statuses of `n` concurrent refreshes with an unknown token (no hashing: the limit is
+/// what answers first), each sent with the `X-Forwarded-For` that `forwarded_for`
+/// gives it.
+async fn refresh_burst(
+    app: &TestApp,
+    n: usize,
+    forwarded_for: impl Fn(usize) -> String,
+) -> Vec<u16> {
+    let body = json!({ "refresh_token": "not-a-token" });
+    let requests = (0..n).map(|i| {
+        app.client
+            .post(app.url("/v1/auth/refresh"))
+            .header("x-forwarded-for", forwarded_for(i))
+            .json(&body)
+            .send()
+    });
+    futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|response| response.unwrap().status().as_u16())
+        .collect()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_limit_is_per_forwarded_client() {
+    // The test's requests come from 127.0.0.1, here the trusted proxy.
+    let app = spawn_app_with(|s| {
+        s.jwt_secret = Some(SecretString::from(SECRET));
+        s.trusted_proxies = Some("127.0.0.1".to_owned());
+    })
+    .await;
+    // 60 clients at once, one request each: nobody is over a budget of 20.
+    let statuses = refresh_burst(&app, 60, |i| format!("203.0.113.{i}")).await;
+    assert!(
+        statuses.iter().all(|s| *s == 401),
+        "distinct clients share no budget: {statuses:?}"
+    );
+    // One client 60 times at once is over its budget, whatever it writes before the
+    // proxy's entry.
+    let statuses = refresh_burst(&app, 60, |i| format!("10.{i}.0.1, 198.51.100.1")).await;
+    assert!(statuses.contains(&429), "{statuses:?}");
+
+    // Without trusting the peer, the header is the client's own words: ignored.
+    let untrusting = spawn().await;
+    let statuses = refresh_burst(&untrusting, 60, |i| format!("203.0.113.{i}")).await;
+    assert!(
+        statuses.contains(&429),
+        "an untrusted X-Forwarded-For is ignored: {statuses:?}"
+    );
+}
+
 #[tokio::test]
 async fn commands_are_rate_limited_per_user_and_queries_are_not() {
     let app = crate::helpers::spawn_app_with(|settings| {

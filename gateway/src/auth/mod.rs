@@ -42,7 +42,7 @@ use secrecy::SecretString;
 
 pub use extract::{AdminUser, AuthUser};
 pub use oidc::OidcSettings;
-pub use rate_limit::RateLimit;
+pub use rate_limit::{RateLimit, TrustedProxies};
 pub(crate) use routes::routes;
 pub use tokens::{AccessClaims, JwtKeys, KeyError};
 
@@ -69,6 +69,9 @@ pub struct AuthSettings {
     pub rate_limit: RateLimit,
     /// The per-user budget of commands (`None`: [`RateLimit::commands`]).
     pub command_rate_limit: Option<RateLimit>,
+    /// `COLLOQUY_TRUSTED_PROXIES`: the proxies whose `X-Forwarded-For` names the client
+    /// for the per-address budget.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Why authentication could not be set up.
@@ -96,6 +99,7 @@ struct Inner {
     oidc: Option<OidcVerifier>,
     passwords: Passwords,
     limiter: IpLimiter,
+    trusted_proxies: TrustedProxies,
     command_limiter: KeyedLimiter<uuid::Uuid>,
 }
 
@@ -130,6 +134,7 @@ impl AuthState {
                 oidc,
                 passwords,
                 limiter: IpLimiter::new(settings.rate_limit),
+                trusted_proxies: settings.trusted_proxies,
                 command_limiter: KeyedLimiter::new(
                     settings
                         .command_rate_limit

@@ -6,12 +6,14 @@
 //! - per user on commands (every `/v1` request that is not a `GET`): by default 20 a
 //!   second, in bursts of up to 40. Queries and SSE are not counted.
 //!
-//! The key is the peer address of the TCP connection (`ConnectInfo`, which
-//! `axum::serve(…into_make_service_with_connect_info::<SocketAddr>())` provides): an
-//! IPv6 client is keyed by its /64, which one host usually controls whole.
-//! `X-Forwarded-For` is not trusted: behind a reverse proxy every client shares the
-//! proxy's budget. A request without `ConnectInfo` (a router served without it) counts
-//! against one shared key rather than going unlimited.
+//! The key is the client's address: the peer address of the TCP connection
+//! (`ConnectInfo`, which `edges::serve` provides) or, when that peer is one of the
+//! [`TrustedProxies`] (`COLLOQUY_TRUSTED_PROXIES`), the address its `X-Forwarded-For`
+//! names (see [`TrustedProxies::client_address`]). An IPv6 client is keyed by its /64,
+//! which one host usually controls whole. `X-Forwarded-For` from any other peer is
+//! ignored, since a client can write anything there. A request without `ConnectInfo`
+//! (a router served without it) counts against one shared key rather than going
+//! unlimited.
 
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -19,10 +21,12 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota};
+use ipnet::IpNet;
 
 use super::AuthState;
 use super::extract::bearer_token;
@@ -99,6 +103,69 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 }
 
+/// The reverse proxies (load balancers, ingress controllers) whose `X-Forwarded-For`
+/// is believed: networks or single addresses, `COLLOQUY_TRUSTED_PROXIES`
+/// (comma-separated, e.g. `10.0.0.0/8,192.0.2.7`). Empty (the default): none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl std::str::FromStr for TrustedProxies {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                part.parse::<IpNet>()
+                    .or_else(|_| part.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        format!("{part:?} is neither an address nor a network (a.b.c.d/n)")
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+impl TrustedProxies {
+    /// Whether `addr` is one of them (an IPv4-mapped IPv6 address as its IPv4 one).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = addr.to_canonical();
+        self.0.iter().any(|net| net.contains(&addr))
+    }
+
+    /// The client's address for a request from `peer`: `peer` itself unless it is a
+    /// trusted proxy; then the `X-Forwarded-For` entries (every such header, in order),
+    /// read from the last one backwards past trusted proxies, give the first address
+    /// that is not one: the client as the outermost trusted proxy saw it. Entries a
+    /// client put there are to the left of it and so never read. An entry that is not
+    /// an address stops the walk at the nearest trusted hop before it.
+    pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.contains(peer) {
+            return peer;
+        }
+        let mut nearest = peer;
+        let entries: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .collect();
+        for entry in entries.into_iter().rev() {
+            let Ok(addr) = entry.parse::<IpAddr>() else {
+                return nearest;
+            };
+            if !self.contains(addr) {
+                return addr;
+            }
+            nearest = addr;
+        }
+        nearest
+    }
+}
+
 /// The auth routes' limiter, keyed by client address.
 pub(crate) type IpLimiter = KeyedLimiter<IpAddr>;
 
@@ -130,7 +197,11 @@ pub(crate) async fn limit_by_ip(
     let addr = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+        .map(|ConnectInfo(addr)| {
+            auth.inner
+                .trusted_proxies
+                .client_address(addr.ip(), request.headers())
+        });
     match auth.inner.limiter.check_addr(addr) {
         Ok(()) => next.run(request).await,
         Err(error) => {
@@ -187,6 +258,82 @@ mod tests {
         limiter
             .check_addr(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))))
             .unwrap();
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append("x-forwarded-for", value.parse().unwrap());
+        }
+        headers
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_for_is_read_only_from_trusted_proxies() {
+        let trusted: TrustedProxies = "10.0.0.0/8, 192.0.2.7".parse().unwrap();
+        let spoofed = forwarded(&["203.0.113.9"]);
+        // A client talking to the gateway directly writes what it likes: ignored.
+        assert_eq!(
+            trusted.client_address(ip("198.51.100.1"), &spoofed),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            TrustedProxies::default().client_address(ip("10.1.2.3"), &spoofed),
+            ip("10.1.2.3"),
+            "no proxy is trusted by default"
+        );
+        // Through one trusted proxy: the address it appended.
+        assert_eq!(
+            trusted.client_address(ip("10.1.2.3"), &spoofed),
+            ip("203.0.113.9")
+        );
+        // Through two (an ingress behind a load balancer), a client that wrote its own
+        // entry first: the rightmost address that is not a trusted proxy.
+        let chain = forwarded(&["1.1.1.1, 203.0.113.9", "192.0.2.7"]);
+        assert_eq!(
+            trusted.client_address(ip("10.1.2.3"), &chain),
+            ip("203.0.113.9")
+        );
+        // Only proxies, or no header: the outermost proxy is the client.
+        assert_eq!(
+            trusted.client_address(ip("10.1.2.3"), &forwarded(&["10.9.9.9"])),
+            ip("10.9.9.9")
+        );
+        assert_eq!(
+            trusted.client_address(ip("10.1.2.3"), &HeaderMap::new()),
+            ip("10.1.2.3")
+        );
+        // Garbage stops the walk at the nearest trusted hop.
+        assert_eq!(
+            trusted.client_address(ip("10.1.2.3"), &forwarded(&["203.0.113.9, unknown"])),
+            ip("10.1.2.3")
+        );
+        // An IPv4-mapped peer is its IPv4 address.
+        assert_eq!(
+            trusted.client_address(ip("::ffff:10.1.2.3"), &spoofed),
+            ip("203.0.113.9")
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_parse_networks_and_addresses() {
+        let trusted: TrustedProxies = "10.0.0.0/8,192.0.2.7, 2001:db8::/32,".parse().unwrap();
+        assert!(trusted.contains(ip("10.255.0.1")));
+        assert!(trusted.contains(ip("192.0.2.7")));
+        assert!(!trusted.contains(ip("192.0.2.8")));
+        assert!(trusted.contains(ip("2001:db8:1::1")));
+        assert_eq!(
+            "".parse::<TrustedProxies>().unwrap(),
+            TrustedProxies::default()
+        );
+        let error = "10.0.0.0/8,proxy.local"
+            .parse::<TrustedProxies>()
+            .unwrap_err();
+        assert!(error.contains("proxy.local"), "{error}");
     }
 
     #[test]
