@@ -628,12 +628,7 @@ pub async fn open_database(
 ) -> anyhow::Result<(Database, Arc<dyn EventStore>)> {
     match &config.storage {
         Storage::Postgres { url, .. } => {
-            let pool = PgPoolOptions::new()
-                .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(url.expose_secret())
-                .await
-                .context("Failed to connect to Postgres (DATABASE_URL)")?;
+            let pool = postgres_pool(url, max_connections, Duration::from_secs(10)).await?;
             colloquy_eventstore::postgres::migrate(&pool)
                 .await
                 .context("Failed to apply migrations")?;
@@ -670,26 +665,63 @@ pub fn jwt_secret(config: &Config) -> anyhow::Result<Option<SecretString>> {
 /// without it.
 const NATS_FIRST_CONNECT: Duration = Duration::from_secs(2);
 
+/// What every Colloquy connection to Postgres sets for its session, so that the server
+/// lets go of what a vanished process held. Without them, a process cut off by a
+/// network partition keeps its locks until the server's TCP gives up (two hours by
+/// Linux's default): a transaction holding the commit-ordering lock or a projection's
+/// lock would stall every writer or that projection, and a relay leader's session lock
+/// would keep the other relays from taking over.
+/// - `idle_in_transaction_session_timeout`: a transaction left idle for a minute is
+///   ended (no Colloquy transaction waits on its client for more than milliseconds);
+/// - `tcp_keepalives_*`: an idle connection whose peer stopped answering is found dead
+///   within about 25 s (probes after 10 s idle, every 5 s, 3 lost);
+/// - `tcp_user_timeout`: data the server sent that goes unacknowledged for 30 s ends
+///   the connection.
+///
+/// They are `SET` after connecting, not passed as startup options, which poolers such
+/// as PgBouncer refuse.
+pub const POSTGRES_SESSION_SETTINGS: &str = "SET idle_in_transaction_session_timeout = '60s'; \
+    SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+    SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";
+
+/// A pool on `url` of up to `size` connections, each named `colloquy` in
+/// `pg_stat_activity` unless `DATABASE_URL` names it, with
+/// [`POSTGRES_SESSION_SETTINGS`].
+async fn postgres_pool(
+    url: &SecretString,
+    size: u32,
+    acquire_timeout: Duration,
+) -> anyhow::Result<sqlx::PgPool> {
+    let mut options = PgConnectOptions::from_str(url.expose_secret())
+        .context("DATABASE_URL is not a Postgres URL")?;
+    if options.get_application_name().is_none() {
+        options = options.application_name("colloquy");
+    }
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(acquire_timeout)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(POSTGRES_SESSION_SETTINGS)
+                    .execute(connection)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect_with(options)
+        .await
+        .context("Failed to connect to Postgres (DATABASE_URL)")
+}
+
 /// Opens the configured storage: Postgres (migrated; a pool of `pool_size`
-/// connections, named `colloquy` in `pg_stat_activity` unless `DATABASE_URL` names
-/// them) and NATS, or the SQLite file.
+/// connections, see [`postgres_pool`]) and NATS, or the SQLite file.
 async fn open_storage(
     storage: &Storage,
     pool_size: u32,
 ) -> anyhow::Result<(Database, Arc<dyn EventStore>, Backing)> {
     match storage {
         Storage::Postgres { url, nats_url } => {
-            let mut options = PgConnectOptions::from_str(url.expose_secret())
-                .context("DATABASE_URL is not a Postgres URL")?;
-            if options.get_application_name().is_none() {
-                options = options.application_name("colloquy");
-            }
-            let pool = PgPoolOptions::new()
-                .max_connections(pool_size)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(options)
-                .await
-                .context("Failed to connect to Postgres (DATABASE_URL)")?;
+            let pool = postgres_pool(url, pool_size, Duration::from_secs(5)).await?;
             colloquy_eventstore::postgres::migrate(&pool)
                 .await
                 .context("Failed to apply database migrations")?;
@@ -918,6 +950,44 @@ impl Probe for ProjectionsProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn postgres_sessions_are_named_and_let_go_of_a_vanished_process() {
+        let db = colloquy_testkit::TestDatabase::new().await;
+        let url = SecretString::from(db.url.clone());
+        let pool = postgres_pool(&url, 2, Duration::from_secs(5))
+            .await
+            .unwrap();
+        for (setting, expected) in [
+            ("application_name", "colloquy"),
+            ("idle_in_transaction_session_timeout", "1min"),
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+            ("tcp_user_timeout", "30000"),
+        ] {
+            // Every connection of the pool, not just the first.
+            let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+            for mut connection in [a, b] {
+                let shown: String =
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {setting}")))
+                        .fetch_one(&mut *connection)
+                        .await
+                        .unwrap();
+                assert_eq!(shown, expected, "{setting}");
+            }
+        }
+        // A name in DATABASE_URL is kept.
+        let named = SecretString::from(format!("{}?application_name=reporting", db.url));
+        let pool = postgres_pool(&named, 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let shown: String = sqlx::query_scalar("SHOW application_name")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(shown, "reporting");
+    }
 
     #[test]
     fn key_value_stores_need_nats_2_10() {
