@@ -5,18 +5,22 @@
 //! 1. **distinct streams**: `--writers` tasks, each appending one event per append to
 //!    a new stream (`ExpectedVersion::NoStream`) through [`PgEventStore::append`]
 //!    (group commit under the commit-ordering lock).
-//! 2. **contended streams**: the same, to 4 shared streams with `ExpectedVersion::Any`.
-//! 3. **raw ceiling**: the same number of connections, each doing one single-row
+//! 2. **distinct, no gathering**: the same through a second store on the same pool
+//!    whose group-commit writer takes each batch without first letting the callers it
+//!    has just answered queue again (`BatchConfig::gather_yields` 0): what gathering
+//!    brings, side by side.
+//! 3. **contended streams**: as 1, to 4 shared streams with `ExpectedVersion::Any`.
+//! 4. **raw ceiling**: the same number of connections, each doing one single-row
 //!    autocommit INSERT into `bench_raw.messages`, a plain table with the columns and
 //!    indexes of `message_store.messages` but no ordering lock and no triggers. The
 //!    denominator of every write ratio.
-//! 4. **Message DB write_message**: one `message_store.write_message` per transaction
+//! 5. **Message DB write_message**: one `message_store.write_message` per transaction
 //!    (it takes the same ordering lock).
-//! 5. **read $all**: the whole log in pages of 1,000 through [`EventStore::read_log`].
-//! 6. **load a conversation**: a 10,000-event conversation written with the domain
+//! 6. **read $all**: the whole log in pages of 1,000 through [`EventStore::read_log`].
+//! 7. **load a conversation**: a 10,000-event conversation written with the domain
 //!    crate, read in pages, decoded and folded.
 //!
-//! Scenarios 1–4 are warmed up, then run in rounds, interleaved (the order rotates
+//! Scenarios 1–5 are warmed up, then run in rounds, interleaved (the order rotates
 //! each round), so they share the machine's state. Group-commit batch sizes are read
 //! back afterwards from the rows' inserting transaction ids (`xmin`).
 
@@ -177,6 +181,9 @@ fn text(report: &Report, args: &AppendArgs) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     Distinct,
+    /// Distinct streams through a second store whose writer does not gather
+    /// (`gather_yields` 0): group commit's gathering, side by side with it.
+    DistinctUngathered,
     Raw,
     WriteMessage,
     Contended,
@@ -184,18 +191,20 @@ enum Scenario {
 
 impl Scenario {
     /// In the table's order; the raw ceiling is [`Scenario::RAW`].
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Distinct,
+        Scenario::DistinctUngathered,
         Scenario::Contended,
         Scenario::Raw,
         Scenario::WriteMessage,
     ];
-    const RAW: usize = 2;
+    const RAW: usize = 3;
 
     /// The category the measured events go to (warm-up goes to `benchWarmup`).
     fn category(self) -> &'static str {
         match self {
             Scenario::Distinct => "benchDistinct",
+            Scenario::DistinctUngathered => "benchUngathered",
             Scenario::Raw => "benchRaw",
             Scenario::WriteMessage => "benchMdb",
             Scenario::Contended => "benchContended",
@@ -205,6 +214,7 @@ impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::Distinct => "distinct streams",
+            Scenario::DistinctUngathered => "distinct, no gathering",
             Scenario::Raw => "raw INSERT ceiling",
             Scenario::WriteMessage => "Message DB write_message",
             Scenario::Contended => "contended streams (4)",
@@ -330,6 +340,8 @@ async fn drive(writers: u32, stop: Stop, op: Op) -> Measured {
 #[derive(Debug, Clone)]
 struct Ctx {
     store: PgEventStore,
+    /// The same store without gathering, for [`Scenario::DistinctUngathered`].
+    ungathered: PgEventStore,
     /// `writers` connections for the raw-SQL scenarios.
     direct: PgPool,
     data: Value,
@@ -342,8 +354,12 @@ impl Ctx {
         let ctx = self.clone();
         let tag: Arc<str> = tag.into();
         match write {
-            Scenario::Distinct => boxed_op(move |writer, seq| {
-                let store = ctx.store.clone();
+            Scenario::Distinct | Scenario::DistinctUngathered => boxed_op(move |writer, seq| {
+                let store = if write == Scenario::Distinct {
+                    ctx.store.clone()
+                } else {
+                    ctx.ungathered.clone()
+                };
                 let append = StreamAppend::new(
                     format!("{category}-{tag}w{writer}x{seq}"),
                     ExpectedVersion::NoStream,
@@ -470,10 +486,14 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
         options.batch.gather_yields = yields as usize;
     }
     let batch = format!("{:?}", options.batch);
+    let mut without_gathering = options.clone();
+    without_gathering.batch.gather_yields = 0;
     let store = PgEventStore::with_pool(store_pool.clone(), options);
+    let ungathered = PgEventStore::with_pool(store_pool.clone(), without_gathering);
     let direct = scratch.pool(args.writers).await?;
     let ctx = Ctx {
         store: store.clone(),
+        ungathered: ungathered.clone(),
         direct: direct.clone(),
         data: payload(args.payload_bytes),
         metadata: json!({ "schemaVersion": 1 }),
@@ -483,6 +503,7 @@ async fn measure(scratch: &ScratchDb, args: &AppendArgs) -> anyhow::Result<Repor
 
     drop(ctx);
     drop(store);
+    drop(ungathered);
     // Let the store's notification listener see that it was stopped before its pool
     // closes (otherwise it may log a reconnect warning).
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -574,7 +595,7 @@ async fn scenarios(
         let mut details = serde_json::Map::new();
         let mut notes = Vec::new();
         match write {
-            Scenario::Distinct | Scenario::Contended => {
+            Scenario::Distinct | Scenario::DistinctUngathered | Scenario::Contended => {
                 let batches = batch_sizes(admin, write.category(), measured.elapsed).await?;
                 notes.push(format!(
                     "{:.1} appends/commit (p50 {}, max {}), {} commits/s",
@@ -596,13 +617,16 @@ async fn scenarios(
             notes.push(format!("{} errors", measured.errors));
         }
         let latency_of = match write {
-            Scenario::Distinct | Scenario::Contended => "append (1 event)",
+            Scenario::Distinct | Scenario::DistinctUngathered | Scenario::Contended => {
+                "append (1 event)"
+            }
             Scenario::Raw => "INSERT",
             Scenario::WriteMessage => "write_message",
         };
         rows.push(Row {
             key: match write {
                 Scenario::Distinct => "distinct_streams",
+                Scenario::DistinctUngathered => "distinct_streams_no_gathering",
                 Scenario::Raw => "raw_ceiling",
                 Scenario::WriteMessage => "write_message",
                 Scenario::Contended => "contended_streams",

@@ -974,3 +974,62 @@ fn every_commands_help_describes_every_command_option_and_argument() {
     assert!(walked > 20, "walked only {walked} commands");
     assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
 }
+
+/// `colloquy bench append` end to end, in a tiny run: every write scenario appears, with
+/// its ratio to the raw INSERT ceiling measured in the same run, the group-commit batch
+/// sizes of both stores (with and without gathering), the reads, and the targets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_append_measures_the_store_against_the_raw_ceiling_in_one_run() {
+    if crate::helpers::embedded() {
+        return; // Postgres only; the external-mode run covers it.
+    }
+    let report = json_of(colloquy().args([
+        "bench",
+        "append",
+        "--writers",
+        "4",
+        "--events",
+        "200",
+        "--rounds",
+        "1",
+        "--warmup",
+        "50ms",
+        "--read-events",
+        "500",
+        "--conversation-events",
+        "50",
+        "--json",
+        "--database-url",
+        &colloquy_testkit::admin_url(),
+    ]));
+    let rows: std::collections::BTreeMap<&str, &serde_json::Value> = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["key"].as_str().unwrap(), row))
+        .collect();
+    for key in [
+        "distinct_streams",
+        "distinct_streams_no_gathering",
+        "contended_streams",
+        "raw_ceiling",
+        "write_message",
+    ] {
+        let row = rows
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key}: {report}"));
+        assert_eq!(row["events"], 200, "{key}: {row}");
+        assert_eq!(row["errors"], 0, "{key}: {row}");
+        assert!(row["ratio_to_raw"].as_f64().unwrap() > 0.0, "{key}: {row}");
+    }
+    assert_eq!(rows["raw_ceiling"]["ratio_to_raw"], 1.0);
+    for key in ["distinct_streams", "distinct_streams_no_gathering"] {
+        let batches = &rows[key]["details"]["group_commit"];
+        assert!(batches["mean"].as_f64().unwrap() >= 1.0, "{key}: {batches}");
+    }
+    for key in ["bulk_append", "read_all", "conversation_load"] {
+        assert!(rows.contains_key(key), "no {key}: {report}");
+    }
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 3, "{report}");
+}
