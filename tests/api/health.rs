@@ -65,6 +65,20 @@ async fn a_process_opens_no_more_postgres_connections_than_its_pool_size() {
     for _ in 0..8 {
         conversations.push(app.create_conversation(&user).await);
     }
+    // Pages are read once the read model has every conversation (read your writes):
+    // reached here first, so that no request of the burst waits for the projector.
+    let created = app.store.head().await.unwrap().to_string();
+    let reached = app
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{}/messages", conversations[7]),
+            &user,
+        )
+        .header("X-Colloquy-Min-Position", created.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reached.status(), 200);
     let observer = app.db.pool().await;
     let count = || async {
         sqlx::query_scalar::<_, i64>(
@@ -90,7 +104,7 @@ async fn a_process_opens_no_more_postgres_connections_than_its_pool_size() {
     let burst = async {
         let requests = (0..64).map(|i| {
             let conversation = &conversations[i % conversations.len()];
-            let (app, user) = (&app, &user);
+            let (app, user, created) = (&app, &user, &created);
             async move {
                 if i % 2 == 0 {
                     app.send_message(user, conversation, &format!("message {i}"), false)
@@ -102,6 +116,7 @@ async fn a_process_opens_no_more_postgres_connections_than_its_pool_size() {
                             &format!("/v1/conversations/{conversation}/messages"),
                             user,
                         )
+                        .header("X-Colloquy-Min-Position", created.as_str())
                         .send()
                         .await
                         .unwrap();
