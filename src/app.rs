@@ -27,7 +27,8 @@ use colloquy_gateway::edges::Edges;
 use colloquy_gateway::{GatewayState, LiveHub, LiveSettings, Probe, ProbeResult};
 use colloquy_gemini_agent::backoff::RetrySchedule;
 use colloquy_gemini_agent::budget::{
-    BudgetStore, KvBudgetConfig, KvBudgetStore, MemoryBudgetStore,
+    BudgetStore, KvBudgetConfig, KvBudgetStore, KvOnceReachable, MemoryBudgetStore,
+    server_has_key_value_stores,
 };
 use colloquy_gemini_agent::clock::SystemClock;
 use colloquy_gemini_agent::gemini::{GeminiClient, GeminiConfig, RetryTimeouts};
@@ -521,7 +522,7 @@ pub(crate) async fn key_pool(
         tracing::warn!(
             "NATS is not reachable yet: the Gemini budgets' shared buckets will be opened when it is"
         );
-        Arc::new(KvBudgetStore::unopened(&jetstream, kv_config)?)
+        Arc::new(KvOnceReachable::new(&jetstream, kv_config)?)
     } else {
         match KvBudgetStore::open(&jetstream, kv_config.clone()).await {
             Ok(store) => Arc::new(store),
@@ -530,7 +531,7 @@ pub(crate) async fn key_pool(
                     "Failed to open the key pool's shared budgets (NATS needs JetStream with key-value stores: 2.10 or later)",
                 ));
             }
-            Err(error) if !has_key_value_stores(&nats.server_info().version) => {
+            Err(error) if !server_has_key_value_stores(&nats.server_info().version) => {
                 tracing::warn!(error = %error, version = %nats.server_info().version, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
                 Arc::new(MemoryBudgetStore::new())
             }
@@ -546,20 +547,6 @@ pub(crate) async fn key_pool(
     let pool = KeyPool::new(pool_config, store, Arc::new(SystemClock))
         .context("Failed to set up the Gemini key pool (GEMINI_API_KEYS)")?;
     Ok(Some(Arc::new(pool)))
-}
-
-/// Whether a nats-server of `version` (e.g. `2.10.4`) has JetStream key-value stores
-/// with the compare-and-set the budgets need: 2.10 or later. An unreadable version is
-/// given the benefit of the doubt.
-fn has_key_value_stores(version: &str) -> bool {
-    let mut parts = version
-        .trim_start_matches('v')
-        .split(['.', '-'])
-        .map(str::parse::<u32>);
-    match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 10),
-        _ => true,
-    }
 }
 
 /// The embedded mode's token-signing secret when none is configured: made once and kept
@@ -987,24 +974,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(shown, "reporting");
-    }
-
-    #[test]
-    fn key_value_stores_need_nats_2_10() {
-        for version in [
-            "2.10.0",
-            "2.10.4",
-            "2.11.1",
-            "2.15.1",
-            "3.0.0",
-            "v2.12.0-beta.1",
-        ] {
-            assert!(has_key_value_stores(version), "{version}");
-        }
-        for version in ["2.9.10", "2.9.25", "2.2.0", "1.4.1"] {
-            assert!(!has_key_value_stores(version), "{version}");
-        }
-        assert!(has_key_value_stores("unknown"), "benefit of the doubt");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use chrono::{DateTime, LocalResult, NaiveDate, NaiveTime, TimeZone, Utc};
 use chrono_tz::America::Los_Angeles;
 use serde::{Deserialize, Serialize};
 
-pub use kv::{KvBudgetConfig, KvBudgetStore};
+pub use kv::{KvBudgetConfig, KvBudgetStore, KvOnceReachable, server_has_key_value_stores};
 pub use memory::MemoryBudgetStore;
 
 /// The calendar date in US Pacific time at `at`: the day a per-day quota counts in.

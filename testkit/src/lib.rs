@@ -201,6 +201,13 @@ impl NatsServer {
     pub async fn start() -> Self {
         let binary =
             std::env::var("COLLOQUY_TEST_NATS_BIN").unwrap_or_else(|_| "nats-server".to_owned());
+        Self::start_binary(binary).await
+    }
+
+    /// As [`NatsServer::start`], with the server binary at `binary` (e.g. an older
+    /// release, to show what works on it).
+    pub async fn start_binary(binary: impl Into<String>) -> Self {
+        let binary = binary.into();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")

@@ -14,6 +14,9 @@
 //!   reply during the outage (Gemini is not called again);
 //! - a server that comes back without its JetStream data: the agent makes its consumer
 //!   and its budget buckets again, and runs complete;
+//! - a process started while NATS is down serves at once, answers runs once NATS is up,
+//!   and spends from the shared budget buckets (from its own memory on a 2.9 server,
+//!   Debian's `/usr/sbin/nats-server`, which has no key-value store as they need);
 //! - a live client connected across the outage keeps receiving (the hub heals from the
 //!   log), and one that reconnects with `Last-Event-ID` during the outage gets what the
 //!   log has; in the end each has seen every event of its scope once, in position
@@ -602,6 +605,40 @@ async fn a_process_started_while_nats_is_down_serves_and_shares_its_budgets_once
         keys.iter().any(|key| key.contains("proj-a")),
         "the call's spending is shared: {keys:?}"
     );
+}
+
+/// Debian 12's nats-server, the oldest release Colloquy keeps working on.
+const NATS_2_9: &str = "/usr/sbin/nats-server";
+
+#[tokio::test]
+async fn a_process_started_while_an_old_nats_is_down_answers_runs_once_it_is_up() {
+    // A 2.9 server has no key-value store as the budgets need: a process that meets one
+    // at start keeps its budgets in memory, and so must one that meets it later.
+    let mut nats = NatsServer::start_binary(NATS_2_9).await;
+    nats.kill();
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let (url, gemini) = (nats.url(), fake.base_url());
+    let app = spawn_app_with(move |settings| {
+        settings.nats_url = Some(url);
+        settings.gemini_base_url = gemini;
+        settings.gemini_api_keys = Some(SecretString::from("main=fake-key-1@proj-a".to_owned()));
+    })
+    .await;
+    nats_seen_as(&app, "down").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let sent = app
+        .send_message(&user, &conversation, "asked before NATS 2.9 was up", true)
+        .await;
+    let run = sent["run_id"].as_str().unwrap().to_owned();
+
+    nats.restart().await;
+    nats_seen_as(&app, "up").await;
+    let finished = finished_run(&app, &user, &run).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(generation_calls(&fake), 1);
 }
 
 #[tokio::test]

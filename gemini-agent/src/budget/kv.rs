@@ -17,6 +17,7 @@
 //! Health lives in its own bucket because it must not expire: a disabled key stays
 //! disabled until a probe or an operator re-enables it, however long that takes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,7 +27,9 @@ use rand::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{BudgetStore, Ceiling, Health, Spend, StoreError, Usage, Versioned, Window};
+use super::{
+    BudgetStore, Ceiling, Health, MemoryBudgetStore, Spend, StoreError, Usage, Versioned, Window,
+};
 
 /// How many compare-and-set attempts one operation makes before giving up. Each loss
 /// means another writer succeeded, so this is only reached under extreme contention.
@@ -412,5 +415,116 @@ impl BudgetStore for KvBudgetStore {
     ) -> Result<bool, StoreError> {
         self.reopen_after(self.save_health_once(health, revision).await)
             .await
+    }
+}
+
+/// Whether a nats-server of `version` (e.g. `2.10.4`) holds the key-value buckets as
+/// async-nats creates them: 2.10 or later. An unreadable version (or none yet, before
+/// the first connection) is given the benefit of the doubt.
+pub fn server_has_key_value_stores(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 10),
+        _ => true,
+    }
+}
+
+/// The budgets of a process that started while NATS was out of reach, so before it
+/// could tell what server it would get: the shared buckets ([`KvBudgetStore::unopened`],
+/// opened once NATS answers), unless the server that answers is older than 2.10, in
+/// which case the budgets are this process's own, as they would have been had it
+/// started against that server.
+#[derive(Debug)]
+pub struct KvOnceReachable {
+    nats: async_nats::Client,
+    shared: KvBudgetStore,
+    local: MemoryBudgetStore,
+    warned: AtomicBool,
+}
+
+impl KvOnceReachable {
+    /// Shared budgets on `js` (whose client is the one whose server decides).
+    pub fn new(js: &jetstream::Context, config: KvBudgetConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            nats: js.client(),
+            shared: KvBudgetStore::unopened(js, config)?,
+            local: MemoryBudgetStore::new(),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    fn store(&self) -> &dyn BudgetStore {
+        let connected = self.nats.connection_state() == async_nats::connection::State::Connected;
+        let version = self.nats.server_info().version;
+        if connected && !server_has_key_value_stores(&version) {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%version, "Gemini budgets are kept in this process only (the NATS server has no key-value store: it needs 2.10 or later)");
+            }
+            &self.local
+        } else {
+            &self.shared
+        }
+    }
+}
+
+#[async_trait]
+impl BudgetStore for KvOnceReachable {
+    async fn usage(&self, window: &Window) -> Result<Usage, StoreError> {
+        self.store().usage(window).await
+    }
+
+    async fn try_spend(
+        &self,
+        window: &Window,
+        add: Usage,
+        ceiling: Ceiling,
+    ) -> Result<Spend, StoreError> {
+        self.store().try_spend(window, add, ceiling).await
+    }
+
+    async fn adjust(&self, window: &Window, requests: i64, tokens: i64) -> Result<(), StoreError> {
+        self.store().adjust(window, requests, tokens).await
+    }
+
+    async fn load_health(&self) -> Result<Versioned<Health>, StoreError> {
+        self.store().load_health().await
+    }
+
+    async fn save_health(
+        &self,
+        health: &Health,
+        revision: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        self.store().save_health(health, revision).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_has_key_value_stores;
+
+    #[test]
+    fn key_value_stores_need_nats_2_10() {
+        for version in [
+            "2.10.0",
+            "2.10.4",
+            "2.11.1",
+            "2.15.1",
+            "3.0.0",
+            "v2.12.0-beta.1",
+        ] {
+            assert!(server_has_key_value_stores(version), "{version}");
+        }
+        for version in ["2.9.10", "2.9.25", "2.2.0", "1.4.1"] {
+            assert!(!server_has_key_value_stores(version), "{version}");
+        }
+        assert!(server_has_key_value_stores(""), "benefit of the doubt");
+        assert!(
+            server_has_key_value_stores("unknown"),
+            "benefit of the doubt"
+        );
     }
 }
