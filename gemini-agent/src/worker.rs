@@ -882,6 +882,9 @@ impl Agent {
         ctx: &Context,
     ) -> CallEnd {
         let cancelled = self.watch_cancel(run).await;
+        // However the call ends, the watchers of its cancellation end with it (each holds
+        // a subscription, on NATS or to the log, that would otherwise outlive the call).
+        let _stop_watching = cancelled.clone().drop_guard();
         let call = async {
             let mut stream = match self.inner.client.stream_generate(key, model, request).await {
                 Ok(stream) => stream,
@@ -966,6 +969,31 @@ impl Agent {
                 }
             });
         }
+        // While NATS is out of reach no `RunCancelled` comes by: look in the run's own
+        // stream instead, every couple of seconds, for as long as the outage lasts.
+        let (nats, store, token_for_log) = (
+            nats.clone(),
+            Arc::clone(self.inner.commands.store()),
+            token.clone(),
+        );
+        let stream = run.stream_name();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = token_for_log.cancelled() => return,
+                    () = tokio::time::sleep(CANCEL_CHECK_WHILE_NATS_IS_DOWN) => {}
+                }
+                if nats.connection_state() == async_nats::connection::State::Connected {
+                    continue;
+                }
+                if let Ok(last) = store.read_stream_backward(&stream, None, 1).await
+                    && last.first().is_some_and(|e| e.event_type == "RunCancelled")
+                {
+                    token_for_log.cancel();
+                    return;
+                }
+            }
+        });
         token
     }
 
@@ -1154,6 +1182,10 @@ impl KeyProbe for ClientProbe {
         }
     }
 }
+
+/// How often a call under way looks in its run's stream for a cancellation while NATS,
+/// which carries them, is out of reach.
+const CANCEL_CHECK_WHILE_NATS_IS_DOWN: Duration = Duration::from_secs(2);
 
 /// A run and the attempt it is at (the current one, which may have just failed), and
 /// how many steps of the retry schedule it has already waited since that attempt

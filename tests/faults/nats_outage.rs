@@ -607,6 +607,64 @@ async fn a_process_started_while_nats_is_down_serves_and_shares_its_budgets_once
     );
 }
 
+/// How many runs the agent of `app` has handled with `outcome` (its `/metrics`).
+async fn runs_handled(app: &TestApp, outcome: &str) -> f64 {
+    let page = app.get("/metrics").await.text().await.unwrap();
+    let label = format!("outcome=\"{outcome}\"");
+    page.lines()
+        .filter(|line| line.starts_with("colloquy_agent_runs_total{") && line.contains(&label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_run_cancelled_while_nats_is_down_stops_its_call() {
+    let mut nats = NatsServer::start().await;
+    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap();
+    let app = app_on(&nats, Some(&fake)).await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    // A reply far slower than any wait here: only a cancellation ends the call early.
+    fake.push_fault(Fault::Latency {
+        before_first_byte: Duration::ZERO,
+        between_chunks: Duration::from_secs(120),
+    });
+    let sent = app
+        .send_message(&user, &conversation, "cancel me", true)
+        .await;
+    let run = sent["run_id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(BOUND, async {
+        while generation_calls(&fake) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the agent calls Gemini");
+    nats.kill();
+    nats_seen_as(&app, "down").await;
+
+    // The cancellation is in the log; NATS cannot carry it to the agent.
+    let cancelled = app
+        .request(Method::POST, &format!("/v1/runs/{run}/cancel"), &user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), StatusCode::ACCEPTED);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while runs_handled(&app, "cancelled").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call went on after its run was cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(generation_calls(&fake), 1);
+    let finished = finished_run(&app, &user, &run).await;
+    assert_eq!(finished["status"], "cancelled", "{finished}");
+}
+
 /// Debian 12's nats-server, the oldest release Colloquy keeps working on.
 const NATS_2_9: &str = "/usr/sbin/nats-server";
 
