@@ -51,6 +51,19 @@ async fn lock_scratch(
     Ok(conn)
 }
 
+/// Releases the scratch schema's lock at once, when its rebuild or verify is done: the
+/// session that holds it is closed on drop as well, but a closing session lets go of
+/// its locks only once its server process has exited, a moment after the caller has
+/// been told the rebuild is over.
+async fn unlock_scratch(mut lock: PoolConnection<Postgres>, scratch: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(SCRATCH_LOCK)
+        .bind(scratch)
+        .execute(&mut *lock)
+        .await?;
+    Ok(())
+}
+
 /// Whether a rebuild of `projection` is running now, in any process connected to
 /// this database (its scratch lock is held).
 pub(super) async fn is_rebuilding(
@@ -124,7 +137,7 @@ pub(super) async fn rebuild(
 ) -> anyhow::Result<GlobalPosition> {
     let live = projection.schema();
     let scratch = rebuild_scratch(projection);
-    let _lock = create_scratch(pool, projection, &scratch).await?;
+    let lock = create_scratch(pool, projection, &scratch).await?;
     let head = store.head().await?;
     fill(pool, store, projection, &scratch, head, progress).await?;
 
@@ -152,6 +165,7 @@ pub(super) async fn rebuild(
         sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
     }
     tx.commit().await?;
+    unlock_scratch(lock, &scratch).await?;
     Ok(position)
 }
 
@@ -165,7 +179,7 @@ pub(super) async fn verify(
 ) -> anyhow::Result<Vec<Difference>> {
     let live = projection.schema();
     let scratch = verify_scratch(projection);
-    let _lock = create_scratch(pool, projection, &scratch).await?;
+    let lock = create_scratch(pool, projection, &scratch).await?;
     let target = checkpoint(pool, live).await?;
     fill(pool, store, projection, &scratch, target, progress).await?;
 
@@ -207,6 +221,7 @@ pub(super) async fn verify(
     )))
     .execute(pool)
     .await?;
+    unlock_scratch(lock, &scratch).await?;
     Ok(differences)
 }
 
