@@ -14,8 +14,8 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, TestUser, agent_for, app_without_agent, queued_run, run_status, spawn_app,
-    spawn_app_with,
+    TestApp, TestUser, agent_for, app_without_agent, queued_run, read_models_reach, run_status,
+    spawn_app, spawn_app_with,
 };
 
 /// How long a test waits for a condition before failing.
@@ -564,25 +564,6 @@ async fn a_dead_letter_is_listed_retried_and_then_completed_by_the_agent() {
     assert!(status["finished_at"].is_string(), "{status}");
 }
 
-/// Waits until every read model has applied the log up to `position`.
-async fn wait_for_read_models(app: &TestApp, position: i64) {
-    let db = app.db.database().await;
-    for projection in colloquy_projections::all_projections() {
-        assert!(
-            colloquy_projections::wait::wait_for_position(
-                &db,
-                projection.schema(),
-                position,
-                PATIENCE
-            )
-            .await
-            .unwrap(),
-            "{} reached {position}",
-            projection.name()
-        );
-    }
-}
-
 /// How many rows of the read models still hold `text` (messages, conversation
 /// titles, search documents), on either backend.
 async fn read_model_copies(app: &TestApp, text: &str) -> i64 {
@@ -670,7 +651,7 @@ async fn forgetting_a_user_removes_their_text_from_the_stream() {
     assert!(before.to_string().contains("my secret plan"));
     // Every copy exists before: the read models (once they reach the last command) and
     // the JetStream stream.
-    wait_for_read_models(&app, position).await;
+    read_models_reach(&app.db.database().await, position, PATIENCE).await;
     assert_eq!(
         read_model_copies(&app, "my secret plan").await,
         3,

@@ -862,27 +862,8 @@ async fn backup_and_restore_rewinds_positions_and_the_stream() {
 
     let pool = sqlx::PgPool::connect(&restored.url).await.unwrap();
     let db = colloquy_eventstore::Database::Postgres(pool.clone());
-    for projection in colloquy_projections::all_projections() {
-        assert!(
-            colloquy_projections::wait::wait_for_position(
-                &db,
-                projection.schema(),
-                position,
-                std::time::Duration::from_secs(30)
-            )
-            .await
-            .unwrap()
-        );
-        let differences =
-            colloquy_projections::replay::verify(&db, &app.store, projection.as_ref(), &|_, _| {})
-                .await
-                .unwrap();
-        assert!(
-            differences.is_empty(),
-            "{}: {differences:?}",
-            projection.name()
-        );
-    }
+    crate::helpers::read_models_reach(&db, position, std::time::Duration::from_secs(30)).await;
+    crate::helpers::assert_read_models_equal_a_replay(&db, &app.store).await;
     let texts: Vec<String> = app
         .request(
             reqwest::Method::GET,

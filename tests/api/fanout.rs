@@ -8,11 +8,8 @@ use colloquy_commands::cache::CacheConfig;
 use colloquy_commands::{Commands, Context};
 use colloquy_domain::{ConversationCommand, ConversationId, MessageId, MessageText, UserId};
 use colloquy_eventstore::{EventStore, PgEventStore, PgOptions};
-use colloquy_projections::all_projections;
-use colloquy_projections::replay::verify;
-use colloquy_projections::wait::wait_for_position;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, assert_read_models_equal_a_replay, read_models_reach, spawn_app};
 
 async fn writer(app: &TestApp) -> (Arc<dyn EventStore>, Commands) {
     let store: Arc<dyn EventStore> = Arc::new(PgEventStore::with_pool(
@@ -60,31 +57,9 @@ async fn conversation_with_messages(commands: &Commands, n: usize) -> (Conversat
     (id, last)
 }
 
+/// Every read model has applied the log up to `position` (bounded wait).
 async fn all_reach(app: &TestApp, position: i64) {
-    let db = colloquy_eventstore::Database::from(app.db.pool().await);
-    for projection in all_projections() {
-        assert!(
-            wait_for_position(&db, projection.schema(), position, Duration::from_secs(30))
-                .await
-                .unwrap(),
-            "{} reached {position}",
-            projection.name()
-        );
-    }
-}
-
-/// `replay --verify` for every projection: no difference from a fresh rebuild.
-async fn assert_read_models_equal_a_replay(pool: &sqlx::PgPool, store: &Arc<dyn EventStore>) {
-    for projection in all_projections() {
-        let differences = verify(&pool.clone().into(), store, projection.as_ref(), &|_, _| {})
-            .await
-            .unwrap();
-        assert!(
-            differences.is_empty(),
-            "{}: {differences:?}",
-            projection.name()
-        );
-    }
+    read_models_reach(&app.db.database().await, position, Duration::from_secs(30)).await;
 }
 
 async fn stream_messages(app: &TestApp) -> u64 {
@@ -153,7 +128,7 @@ async fn a_purged_stream_is_healed_from_the_log() {
     let (_, second) = conversation_with_messages(&commands, 3).await;
     all_reach(&app, second).await;
     let pool = app.db.pool().await;
-    assert_read_models_equal_a_replay(&pool, &store).await;
+    assert_read_models_equal_a_replay(&pool.clone().into(), &store).await;
     let conversations: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_messages.conversations")
         .fetch_one(&pool)
         .await
@@ -179,7 +154,7 @@ async fn fan_out_resumes_after_nats_restarts_and_commands_never_stop() {
     assert!(after > during);
     all_reach(&app, after).await;
     let pool = app.db.pool().await;
-    assert_read_models_equal_a_replay(&pool, &store).await;
+    assert_read_models_equal_a_replay(&pool.clone().into(), &store).await;
     // The relay caught the stream up too, each event once.
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);

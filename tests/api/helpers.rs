@@ -628,3 +628,167 @@ pub async fn run_status(app: &TestApp, user: &TestUser, run: RunId) -> Value {
     .await
     .unwrap()
 }
+
+/// Waits (bounded by `within`) until every read model in `db` has applied the log up to
+/// `position`.
+pub async fn read_models_reach(db: &Database, position: i64, within: std::time::Duration) {
+    for projection in colloquy_projections::all_projections() {
+        assert!(
+            colloquy_projections::wait::wait_for_position(
+                db,
+                projection.schema(),
+                position,
+                within
+            )
+            .await
+            .unwrap(),
+            "{} reached {position}",
+            projection.name()
+        );
+    }
+}
+
+/// `replay --verify` of every projection in `db`: no difference from a fresh rebuild
+/// from `store`.
+pub async fn assert_read_models_equal_a_replay(db: &Database, store: &Arc<dyn EventStore>) {
+    for projection in colloquy_projections::all_projections() {
+        let differences =
+            colloquy_projections::replay::verify(db, store, projection.as_ref(), &|_, _| {})
+                .await
+                .unwrap();
+        assert!(
+            differences.is_empty(),
+            "{}: {differences:?}",
+            projection.name()
+        );
+    }
+}
+
+/// The `/metrics` page, parsed: what the metrics tests read, and what other tests wait
+/// on.
+pub mod metrics {
+    use std::collections::BTreeMap;
+
+    use super::TestApp;
+
+    /// One sample of the text format: `name{label="value",…} value`.
+    #[derive(Debug, Clone)]
+    pub struct Sample {
+        pub name: String,
+        pub labels: BTreeMap<String, String>,
+        pub value: f64,
+    }
+
+    /// A scraped page.
+    #[derive(Debug)]
+    pub struct Page {
+        pub text: String,
+        pub samples: Vec<Sample>,
+    }
+
+    impl Page {
+        pub fn parse(text: String) -> Self {
+            let samples = text
+                .lines()
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .map(|line| parse_sample(line).unwrap_or_else(|| panic!("unparsable: {line}")))
+                .collect();
+            Self { text, samples }
+        }
+
+        /// The samples of `name` carrying every label of `labels`.
+        pub fn matching<'a>(
+            &'a self,
+            name: &'a str,
+            labels: &'a [(&str, &str)],
+        ) -> impl Iterator<Item = &'a Sample> + 'a {
+            self.samples.iter().filter(move |s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+        }
+
+        /// The sum of the samples of `name` carrying `labels`, if there is any.
+        pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+            let mut found = self.matching(name, labels).peekable();
+            found.peek()?;
+            Some(found.map(|s| s.value).sum())
+        }
+
+        /// As [`Page::find`], failing the test when there is no such sample.
+        pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+            self.find(name, labels).unwrap_or_else(|| {
+                let family: Vec<_> = self.samples.iter().filter(|s| s.name == name).collect();
+                panic!("no {name} with {labels:?}; the family: {family:#?}")
+            })
+        }
+    }
+
+    /// Parses `name{k="v",…} value` (label values may hold braces, commas and escapes).
+    pub fn parse_sample(line: &str) -> Option<Sample> {
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => return None,
+        };
+        let mut labels = BTreeMap::new();
+        let mut chars = rest.chars().peekable();
+        if chars.peek() == Some(&'{') {
+            chars.next();
+            loop {
+                match chars.peek()? {
+                    '}' => {
+                        chars.next();
+                        break;
+                    }
+                    ',' => {
+                        chars.next();
+                        continue;
+                    }
+                    _ => {}
+                }
+                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                if chars.next()? != '"' {
+                    return None;
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => match chars.next()? {
+                            'n' => value.push('\n'),
+                            other => value.push(other),
+                        },
+                        c => value.push(c),
+                    }
+                }
+                labels.insert(key, value);
+            }
+        }
+        let value: String = chars.collect();
+        let value = value.split_whitespace().next()?;
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().ok()?,
+        };
+        Some(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        })
+    }
+
+    /// `GET /metrics`, checked to be the text format.
+    pub async fn scrape(app: &TestApp) -> Page {
+        let response = app.get("/metrics").await;
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        Page::parse(response.text().await.unwrap())
+    }
+}

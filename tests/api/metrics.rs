@@ -6,7 +6,6 @@
 //!
 //! The relay exists only in the external mode: its metrics are checked only there.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,133 +16,13 @@ use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault};
 use reqwest::Method;
 use secrecy::SecretString;
 
+use crate::helpers::metrics::{Page, parse_sample, scrape};
 use crate::helpers::{SseReader, TestApp, embedded, spawn_app_with, spawn_app_with_roles};
 
 /// The route template of sending a message.
 const MESSAGES: &str = "/v1/conversations/{id}/messages";
 /// The read models.
 const PROJECTIONS: [&str; 3] = ["messages", "runs", "search"];
-
-/// One sample of the text format: `name{label="value",…} value`.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// A scraped page.
-#[derive(Debug)]
-struct Page {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-impl Page {
-    fn parse(text: String) -> Self {
-        let samples = text
-            .lines()
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(|line| parse_sample(line).unwrap_or_else(|| panic!("unparsable: {line}")))
-            .collect();
-        Self { text, samples }
-    }
-
-    /// The samples of `name` carrying every label of `labels`.
-    fn matching<'a>(
-        &'a self,
-        name: &'a str,
-        labels: &'a [(&str, &str)],
-    ) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples.iter().filter(move |s| {
-            s.name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-    }
-
-    /// The sum of the samples of `name` carrying `labels`, if there is any.
-    fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut found = self.matching(name, labels).peekable();
-        found.peek()?;
-        Some(found.map(|s| s.value).sum())
-    }
-
-    /// As [`Page::find`], failing the test when there is no such sample.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.find(name, labels).unwrap_or_else(|| {
-            let family: Vec<_> = self.samples.iter().filter(|s| s.name == name).collect();
-            panic!("no {name} with {labels:?}; the family: {family:#?}")
-        })
-    }
-}
-
-/// Parses `name{k="v",…} value` (label values may hold braces, commas and escapes).
-fn parse_sample(line: &str) -> Option<Sample> {
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(i) => line.split_at(i),
-        None => return None,
-    };
-    let mut labels = BTreeMap::new();
-    let mut chars = rest.chars().peekable();
-    if chars.peek() == Some(&'{') {
-        chars.next();
-        loop {
-            match chars.peek()? {
-                '}' => {
-                    chars.next();
-                    break;
-                }
-                ',' => {
-                    chars.next();
-                    continue;
-                }
-                _ => {}
-            }
-            let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-            if chars.next()? != '"' {
-                return None;
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next()? {
-                    '"' => break,
-                    '\\' => match chars.next()? {
-                        'n' => value.push('\n'),
-                        other => value.push(other),
-                    },
-                    c => value.push(c),
-                }
-            }
-            labels.insert(key, value);
-        }
-    }
-    let value: String = chars.collect();
-    let value = value.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    Some(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
-}
-
-/// `GET /metrics`, checked to be the text format.
-async fn scrape(app: &TestApp) -> Page {
-    let response = app.get("/metrics").await;
-    assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"].to_str().unwrap();
-    assert!(
-        content_type.starts_with("text/plain; version=0.0.4"),
-        "{content_type}"
-    );
-    Page::parse(response.text().await.unwrap())
-}
 
 /// Scrapes until `ready` holds (bounded), then returns that page.
 async fn scrape_until(app: &TestApp, what: &str, ready: impl Fn(&Page) -> bool) -> Page {

@@ -27,24 +27,32 @@ use std::time::Duration;
 
 use colloquy_eventstore::{GlobalPosition, LogFilter, RecordedEvent};
 use colloquy_gemini_agent::fake::{FakeConfig, FakeGemini, Fault};
-use colloquy_projections::all_projections;
-use colloquy_projections::wait::wait_for_position;
 use colloquy_testkit::NatsServer;
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{SseEvent, SseReader, TestApp, TestUser, generation_calls, spawn_app_with};
+use crate::helpers::metrics::scrape;
+use crate::helpers::{
+    SseEvent, SseReader, TestApp, TestUser, generation_calls, read_models_reach, spawn_app_with,
+};
 
 /// Each wait in these tests: far above what recovery takes, far below nextest's limit.
 const BOUND: Duration = Duration::from_secs(60);
 
-/// The application on `nats`, its agent pointed at `fake` when given.
+/// The application on `nats`, its agent pointed at `fake` when given, once it is ready.
 async fn app_on(nats: &NatsServer, fake: Option<&FakeGemini>) -> TestApp {
+    let app = spawn_on(nats, fake).await;
+    app.wait_until_ready().await;
+    app
+}
+
+/// As [`app_on`], without waiting for NATS (which may be down).
+async fn spawn_on(nats: &NatsServer, fake: Option<&FakeGemini>) -> TestApp {
     let url = nats.url();
     let gemini = fake.map(FakeGemini::base_url);
-    let app = spawn_app_with(move |settings| {
+    spawn_app_with(move |settings| {
         settings.nats_url = Some(url);
         if let Some(base_url) = gemini {
             settings.gemini_base_url = base_url;
@@ -52,8 +60,60 @@ async fn app_on(nats: &NatsServer, fake: Option<&FakeGemini>) -> TestApp {
                 Some(SecretString::from("main=fake-key-1@proj-a".to_owned()));
         }
     })
-    .await;
-    app.wait_until_ready().await;
+    .await
+}
+
+/// A fake Gemini knowing the key [`spawn_on`] configures.
+async fn fake_gemini() -> FakeGemini {
+    FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
+        .await
+        .unwrap()
+}
+
+/// Asks for a run whose reply comes `between_chunks` apart, and waits until the agent
+/// is calling Gemini for it. Returns the run's id.
+async fn run_under_way(
+    app: &TestApp,
+    user: &TestUser,
+    fake: &FakeGemini,
+    between_chunks: Duration,
+    text: &str,
+) -> String {
+    let conversation = app.create_conversation(user).await;
+    fake.push_fault(Fault::Latency {
+        before_first_byte: Duration::ZERO,
+        between_chunks,
+    });
+    let sent = app.send_message(user, &conversation, text, true).await;
+    tokio::time::timeout(BOUND, async {
+        while generation_calls(fake) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the agent calls Gemini");
+    sent["run_id"].as_str().unwrap().to_owned()
+}
+
+/// Starts the application while `nats` is down, asks for a run, brings NATS up, and
+/// shows the run answered with one call. Returns the application.
+async fn late_start_answers_a_run(nats: &mut NatsServer, fake: &FakeGemini) -> TestApp {
+    nats.kill();
+    // Every role, NATS out of reach: the process starts and serves all the same.
+    let app = spawn_on(nats, Some(fake)).await;
+    nats_seen_as(&app, "down").await;
+    let user = app.register_and_login().await;
+    let conversation = app.create_conversation(&user).await;
+    let sent = app
+        .send_message(&user, &conversation, "asked before NATS was up", true)
+        .await;
+    let run = sent["run_id"].as_str().unwrap().to_owned();
+
+    nats.restart().await;
+    nats_seen_as(&app, "up").await;
+    let finished = finished_run(&app, &user, &run).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(generation_calls(fake), 1);
     app
 }
 
@@ -208,20 +268,6 @@ async fn nats_seen_as(app: &TestApp, status: &str) {
     }
 }
 
-/// Waits (bounded) until every read model has applied the log up to `position`.
-async fn read_models_reach(app: &TestApp, position: GlobalPosition) {
-    let db = app.db.database().await;
-    for projection in all_projections() {
-        assert!(
-            wait_for_position(&db, projection.schema(), position, BOUND)
-                .await
-                .unwrap(),
-            "{} reached {position}",
-            projection.name()
-        );
-    }
-}
-
 /// Waits (bounded) for a run to end; returns how `GET /v1/runs/{id}` shows it.
 async fn finished_run(app: &TestApp, user: &TestUser, run: &str) -> Value {
     let deadline = tokio::time::Instant::now() + BOUND;
@@ -276,9 +322,7 @@ async fn stream_messages(nats: &NatsServer, app: &TestApp, head: GlobalPosition)
 #[tokio::test]
 async fn commands_during_a_nats_outage_are_kept_and_everything_catches_up_once_it_returns() {
     let mut nats = NatsServer::start().await;
-    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
-        .await
-        .unwrap();
+    let fake = fake_gemini().await;
     let app = app_on(&nats, Some(&fake)).await;
     let user = app.register_and_login().await;
     let first = app.create_conversation(&user).await;
@@ -325,7 +369,7 @@ async fn commands_during_a_nats_outage_are_kept_and_everything_catches_up_once_i
     );
     // Still down: the read models follow the log, and the live clients keep receiving
     // (the hub reads what NATS does not bring from the log).
-    read_models_reach(&app, head_during).await;
+    read_models_reach(&app.db.database().await, head_during, BOUND).await;
     let messages: Value = app
         .request(
             Method::GET,
@@ -388,7 +432,7 @@ async fn commands_during_a_nats_outage_are_kept_and_everything_catches_up_once_i
     // The read models reach the log's head, and the stream holds each event once.
     let head = app.store.head().await.unwrap();
     assert!(head > position(&after));
-    read_models_reach(&app, head).await;
+    read_models_reach(&app.db.database().await, head, BOUND).await;
     assert_eq!(
         stream_messages(&nats, &app, head).await,
         u64::try_from(head).unwrap(),
@@ -509,9 +553,7 @@ async fn agent_consumer_drained(nats: &NatsServer, app: &TestApp) {
 #[tokio::test]
 async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
     let mut nats = NatsServer::start().await;
-    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
-        .await
-        .unwrap();
+    let fake = fake_gemini().await;
     let app = app_on(&nats, Some(&fake)).await;
     let user = app.register_and_login().await;
     let mut users_client = LiveClient::open(&app, &user, "/v1/events".into(), Some(0)).await;
@@ -552,7 +594,7 @@ async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
         assert_eq!(replies, 1, "run {run}: one assistant reply");
     }
     let head = app.store.head().await.unwrap();
-    read_models_reach(&app, head).await;
+    read_models_reach(&app.db.database().await, head, BOUND).await;
     let expected = users_positions(&app).await;
     users_client
         .read_until(&app, *expected.last().unwrap())
@@ -563,31 +605,8 @@ async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
 #[tokio::test]
 async fn a_process_started_while_nats_is_down_serves_and_shares_its_budgets_once_it_is_up() {
     let mut nats = NatsServer::start().await;
-    nats.kill();
-    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
-        .await
-        .unwrap();
-    let (url, gemini) = (nats.url(), fake.base_url());
-    // Every role, NATS out of reach: the process starts and serves all the same.
-    let app = spawn_app_with(move |settings| {
-        settings.nats_url = Some(url);
-        settings.gemini_base_url = gemini;
-        settings.gemini_api_keys = Some(SecretString::from("main=fake-key-1@proj-a".to_owned()));
-    })
-    .await;
-    nats_seen_as(&app, "down").await;
-    let user = app.register_and_login().await;
-    let conversation = app.create_conversation(&user).await;
-    let sent = app
-        .send_message(&user, &conversation, "asked before NATS was up", true)
-        .await;
-    let run = sent["run_id"].as_str().unwrap().to_owned();
-
-    nats.restart().await;
-    nats_seen_as(&app, "up").await;
-    let finished = finished_run(&app, &user, &run).await;
-    assert_eq!(finished["status"], "succeeded", "{finished}");
-    assert_eq!(generation_calls(&fake), 1);
+    let fake = fake_gemini().await;
+    let app = late_start_answers_a_run(&mut nats, &fake).await;
 
     // The call was spent from the budgets every agent shares (the JetStream key-value
     // bucket), not from this process's memory.
@@ -609,39 +628,20 @@ async fn a_process_started_while_nats_is_down_serves_and_shares_its_budgets_once
 
 /// How many runs the agent of `app` has handled with `outcome` (its `/metrics`).
 async fn runs_handled(app: &TestApp, outcome: &str) -> f64 {
-    let page = app.get("/metrics").await.text().await.unwrap();
-    let label = format!("outcome=\"{outcome}\"");
-    page.lines()
-        .filter(|line| line.starts_with("colloquy_agent_runs_total{") && line.contains(&label))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    scrape(app)
+        .await
+        .find("colloquy_agent_runs_total", &[("outcome", outcome)])
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
 async fn a_run_cancelled_while_nats_is_down_stops_its_call() {
     let mut nats = NatsServer::start().await;
-    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
-        .await
-        .unwrap();
+    let fake = fake_gemini().await;
     let app = app_on(&nats, Some(&fake)).await;
     let user = app.register_and_login().await;
-    let conversation = app.create_conversation(&user).await;
     // A reply far slower than any wait here: only a cancellation ends the call early.
-    fake.push_fault(Fault::Latency {
-        before_first_byte: Duration::ZERO,
-        between_chunks: Duration::from_secs(120),
-    });
-    let sent = app
-        .send_message(&user, &conversation, "cancel me", true)
-        .await;
-    let run = sent["run_id"].as_str().unwrap().to_owned();
-    tokio::time::timeout(BOUND, async {
-        while generation_calls(&fake) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the agent calls Gemini");
+    let run = run_under_way(&app, &user, &fake, Duration::from_secs(120), "cancel me").await;
     nats.kill();
     nats_seen_as(&app, "down").await;
 
@@ -673,57 +673,18 @@ async fn a_process_started_while_an_old_nats_is_down_answers_runs_once_it_is_up(
     // A 2.9 server has no key-value store as the budgets need: a process that meets one
     // at start keeps its budgets in memory, and so must one that meets it later.
     let mut nats = NatsServer::start_binary(NATS_2_9).await;
-    nats.kill();
-    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
-        .await
-        .unwrap();
-    let (url, gemini) = (nats.url(), fake.base_url());
-    let app = spawn_app_with(move |settings| {
-        settings.nats_url = Some(url);
-        settings.gemini_base_url = gemini;
-        settings.gemini_api_keys = Some(SecretString::from("main=fake-key-1@proj-a".to_owned()));
-    })
-    .await;
-    nats_seen_as(&app, "down").await;
-    let user = app.register_and_login().await;
-    let conversation = app.create_conversation(&user).await;
-    let sent = app
-        .send_message(&user, &conversation, "asked before NATS 2.9 was up", true)
-        .await;
-    let run = sent["run_id"].as_str().unwrap().to_owned();
-
-    nats.restart().await;
-    nats_seen_as(&app, "up").await;
-    let finished = finished_run(&app, &user, &run).await;
-    assert_eq!(finished["status"], "succeeded", "{finished}");
-    assert_eq!(generation_calls(&fake), 1);
+    let fake = fake_gemini().await;
+    late_start_answers_a_run(&mut nats, &fake).await;
 }
 
 #[tokio::test]
 async fn a_run_in_flight_when_nats_goes_down_completes_with_the_reply_it_got() {
     let mut nats = NatsServer::start().await;
-    let fake = FakeGemini::start(FakeConfig::default().key("fake-key-1", "proj-a"))
-        .await
-        .unwrap();
+    let fake = fake_gemini().await;
     let app = app_on(&nats, Some(&fake)).await;
     let user = app.register_and_login().await;
-    let conversation = app.create_conversation(&user).await;
     // A slow reply: NATS goes down while Gemini is answering.
-    fake.push_fault(Fault::Latency {
-        before_first_byte: Duration::ZERO,
-        between_chunks: Duration::from_secs(1),
-    });
-    let sent = app
-        .send_message(&user, &conversation, "in flight", true)
-        .await;
-    let run = sent["run_id"].as_str().unwrap().to_owned();
-    tokio::time::timeout(BOUND, async {
-        while generation_calls(&fake) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the agent calls Gemini");
+    let run = run_under_way(&app, &user, &fake, Duration::from_secs(1), "in flight").await;
     nats.kill();
     nats_seen_as(&app, "down").await;
     // The reply is in hand and the log is up: the run completes without NATS (its
@@ -861,7 +822,7 @@ async fn a_flapping_nats_under_steady_writes_loses_and_repeats_nothing() {
     );
     assert!(sent >= 30, "{sent} commands");
     let head = app.store.head().await.unwrap();
-    read_models_reach(&app, head).await;
+    read_models_reach(&app.db.database().await, head, BOUND).await;
     assert_eq!(
         stream_messages(&nats, &app, head).await,
         u64::try_from(head).unwrap(),
