@@ -540,7 +540,7 @@ pub(crate) async fn key_pool(
                 // electing a leader, a connection lost meanwhile): try again with
                 // each use rather than give up sharing.
                 tracing::warn!(error = %error, "the Gemini budgets' shared buckets could not be opened yet; they will be with their first use");
-                Arc::new(KvBudgetStore::unopened(&jetstream, kv_config)?)
+                Arc::new(KvOnceReachable::new(&jetstream, kv_config)?)
             }
         }
     };

@@ -67,8 +67,8 @@ impl KvBudgetConfig {
 /// volume): an operation that fails while the connection is up opens the buckets again,
 /// creating them if they are gone, so that the next operation works (the agent retries
 /// its runs) instead of every one failing until the process restarts. A store made
-/// with [`KvBudgetStore::unopened`] (NATS was out of reach when the process started)
-/// opens them at its first operation once NATS is connected, and fails until then.
+/// before NATS could be reached (see [`KvOnceReachable`]) opens them at its first
+/// operation once NATS is connected, and fails until then.
 #[derive(Debug, Clone)]
 pub struct KvBudgetStore {
     js: jetstream::Context,
@@ -100,7 +100,7 @@ impl KvBudgetStore {
     /// The store without its buckets yet, for a process that starts while NATS is out
     /// of reach: it opens them (creating them if need be) at the first operation made
     /// while the connection is up; until then every operation fails as an outage does.
-    pub fn unopened(js: &jetstream::Context, config: KvBudgetConfig) -> Result<Self, StoreError> {
+    fn unopened(js: &jetstream::Context, config: KvBudgetConfig) -> Result<Self, StoreError> {
         let prefix = config.prefix.trim_matches('.');
         let prefix_ok = !prefix.is_empty()
             && prefix.split('.').all(|token| {
@@ -433,8 +433,7 @@ pub fn server_has_key_value_stores(version: &str) -> bool {
 }
 
 /// The budgets of a process that started while NATS was out of reach, so before it
-/// could tell what server it would get: the shared buckets ([`KvBudgetStore::unopened`],
-/// opened once NATS answers), unless the server that answers is older than 2.10, in
+/// could tell what server it would get: the shared buckets (opened once NATS answers), unless the server that answers is older than 2.10, in
 /// which case the budgets are this process's own, as they would have been had it
 /// started against that server.
 #[derive(Debug)]
