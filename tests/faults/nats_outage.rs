@@ -237,6 +237,12 @@ impl LiveClient {
         }
     }
 
+    /// Reads until the last of `expected` arrives, then [`LiveClient::assert_saw`].
+    async fn reads_exactly(&mut self, app: &TestApp, expected: &[GlobalPosition]) {
+        self.read_until(app, *expected.last().unwrap()).await;
+        self.assert_saw(expected);
+    }
+
     /// Asserts the client saw exactly `expected` after where it started: every event
     /// once, in position order, no gap.
     fn assert_saw(&self, expected: &[GlobalPosition]) {
@@ -440,15 +446,9 @@ async fn commands_during_a_nats_outage_are_kept_and_everything_catches_up_once_i
     );
     // The live clients saw each event of their scope once, in order, with no gap.
     let expected = conversation_positions(&app, &first).await;
-    conversation_client
-        .read_until(&app, *expected.last().unwrap())
-        .await;
-    conversation_client.assert_saw(&expected);
+    conversation_client.reads_exactly(&app, &expected).await;
     let expected = users_positions(&app).await;
-    users_client
-        .read_until(&app, *expected.last().unwrap())
-        .await;
-    users_client.assert_saw(&expected);
+    users_client.reads_exactly(&app, &expected).await;
 }
 
 #[tokio::test]
@@ -596,10 +596,7 @@ async fn nats_back_without_its_data_is_refilled_and_the_agent_resumes() {
     let head = app.store.head().await.unwrap();
     read_models_reach(&app.db.database().await, head, BOUND).await;
     let expected = users_positions(&app).await;
-    users_client
-        .read_until(&app, *expected.last().unwrap())
-        .await;
-    users_client.assert_saw(&expected);
+    users_client.reads_exactly(&app, &expected).await;
 }
 
 #[tokio::test]
@@ -829,13 +826,7 @@ async fn a_flapping_nats_under_steady_writes_loses_and_repeats_nothing() {
         "the relay published each event once"
     );
     let expected = conversation_positions(&app, &conversations[0]).await;
-    conversation_client
-        .read_until(&app, *expected.last().unwrap())
-        .await;
-    conversation_client.assert_saw(&expected);
+    conversation_client.reads_exactly(&app, &expected).await;
     let expected = users_positions(&app).await;
-    users_client
-        .read_until(&app, *expected.last().unwrap())
-        .await;
-    users_client.assert_saw(&expected);
+    users_client.reads_exactly(&app, &expected).await;
 }
